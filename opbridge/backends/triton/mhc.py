@@ -1,0 +1,2 @@
+"""Triton implementations of the mhc ops (wired to opbridge/kernels/triton/). Filled by the Triton backend issues."""
+from . import BACKEND  # noqa: F401

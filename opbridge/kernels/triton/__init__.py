@@ -1,0 +1,1 @@
+"""Triton kernels (@triton.jit) with thin launchers; tuned launch configurations live beside them as data."""
