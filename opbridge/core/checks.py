@@ -49,7 +49,7 @@ class Shapes:
         for size, exp in zip(shape, expected):
             if exp is None:
                 continue
-            if isinstance(exp, int):
+            if isinstance(exp, (int, torch.SymInt)):  # SymInt: a traced size (torch.export), not a name
                 if size != exp:
                     raise OpError(self.op, arg, f"shape {pretty}", f"shape {tuple(shape)}")
                 continue
