@@ -101,8 +101,9 @@ def kv_compress(kv, gate, position_bias, rate, *, overlap, prev_kv, prev_gate):
         else:  # no previous window: those slots are empty (softmax weight 0)
             first_kv = x.new_zeros((1, rate, D))
             first_g = x.new_full((1, rate, D), float("-inf"))
-        x = torch.cat([torch.cat([first_kv, x[:-1, :, :D]]), x[:, :, D:]], dim=1)  # [W, 2*rate, D]
-        g = torch.cat([torch.cat([first_g, g[:-1, :, :D]]), g[:, :, D:]], dim=1)
+        # [:W] keeps W = 0 (fewer than rate tokens) an empty result instead of a shape error.
+        x = torch.cat([torch.cat([first_kv, x[:-1, :, :D]])[:W], x[:, :, D:]], dim=1)  # [W, 2*rate, D]
+        g = torch.cat([torch.cat([first_g, g[:-1, :, :D]])[:W], g[:, :, D:]], dim=1)
     return (g.softmax(dim=1) * x).sum(1).to(kv.dtype)
 
 
@@ -131,7 +132,10 @@ def _chunks(n: int, per_row: int):
 
 def _gather(kv_flat, base, idx, dt):
     valid = idx >= 0
-    rows = base.unsqueeze(-1) + idx.long().clamp_min(0)
+    # -1 entries read row 0, not base: base is past the end when the query's sequence has no keys.
+    rows = torch.where(valid, base.unsqueeze(-1) + idx.long(), 0)
+    if kv_flat.shape[0] == 0:  # no keys at all (e.g. every sequence shorter than a compression window)
+        return kv_flat.new_zeros((*rows.shape, kv_flat.shape[1]), dtype=dt), valid
     return kv_flat[rows].to(dt), valid
 
 
