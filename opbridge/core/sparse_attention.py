@@ -303,8 +303,9 @@ def _sa_data_check(q, kv, indices, *, cu_seqlens_q=None, cu_seqlens_k=None, extr
 register_data_check("sparse_attention", _sa_data_check)
 
 
-def _sa_common(op: str, S: C.Shapes, q, scale, d_v, sink) -> int:
+def _sa_common(op: str, S: C.Shapes, q, q_names, scale, d_v, sink) -> int:
     C.tensor(op, "q", q, C.FLOAT_DTYPES)
+    S.check("q", q.shape, q_names)  # before sink, so a wrong sink is blamed on 'sink', not 'q'
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise OpError(op, "scale", "a float", type(scale).__name__)
     Dqk = q.shape[-1]
@@ -336,8 +337,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, *
     """
     op = "sparse_attention"
     S = C.Shapes(op)
-    Dqk = _sa_common(op, S, q, scale, d_v, sink)
-    S.check("q", q.shape, ("Tq", "Hq", "Dqk"))
+    Dqk = _sa_common(op, S, q, ("Tq", "Hq", "Dqk"), scale, d_v, sink)
     C.tensor(op, "kv", kv, C.FLOAT_DTYPES)
     S.check("kv", kv.shape, ("Tk", "Dqk"))
     C.tensor(op, "indices", indices, (torch.int32,))
@@ -404,8 +404,7 @@ def sparse_attention_paged(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
     """
     op = "sparse_attention_paged"
     S = C.Shapes(op)
-    _sa_common(op, S, q, scale, d_v, sink)
-    S.check("q", q.shape, ("B", "Sq", "Hq", "Dqk"))
+    _sa_common(op, S, q, ("B", "Sq", "Hq", "Dqk"), scale, d_v, sink)
     C.tensor(op, "kv_cache", kv_cache, C.FLOAT_DTYPES)
     S.check("kv_cache", kv_cache.shape, ("num_blocks", "block_size", "Dqk"))
     C.tensor(op, "block_table", block_table, (torch.int32,))
