@@ -132,10 +132,10 @@ def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
     """Nearest e2m1 code (uint8, sign in bit 3) of already-scaled values; ties go to the even code."""
     mag = v.abs()
     mids = torch.tensor(_E2M1_MIDPOINTS, dtype=mag.dtype, device=mag.device)
-    above = (mag.unsqueeze(-1) > mids).sum(-1)
-    at_or_above = (mag.unsqueeze(-1) >= mids).sum(-1)
+    above = torch.bucketize(mag, mids, right=False)  # midpoints strictly below |v|
+    at_or_above = torch.bucketize(mag, mids, right=True)  # midpoints at or below |v|
     # At a midpoint the two candidates are adjacent codes; keep the even one.
-    code = torch.where(above == at_or_above, above, torch.where(above % 2 == 0, above, at_or_above))
+    code = torch.where(above % 2 == 0, above, at_or_above)
     sign = (v < 0).to(torch.uint8) << 3
     return code.to(torch.uint8) | sign
 
@@ -145,16 +145,27 @@ def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     return table[codes.long()]
 
 
+# Rows quantized per step, so scratch memory stays small for expert-sized weights.
+_MXFP4_CHUNK_ELEMS = 1 << 24
+
+
 def _quantize_mxfp4(x: torch.Tensor) -> QuantTensor:
     K = x.shape[-1]
     if K % 32 != 0:
         raise OpError("quantize", "x", "last dimension a multiple of 32 for mxfp4", f"{K}")
-    xb = x.float().unflatten(-1, (-1, 32))
-    amax = xb.abs().amax(-1).clamp_min(FP8_MIN_AMAX)
-    exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
-    codes = e2m1_encode(xb / torch.exp2(exp).unsqueeze(-1)).flatten(-2)
-    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return QuantTensor(packed.contiguous(), (exp + 127).to(torch.uint8).contiguous(), "mxfp4", MXFP4_BLOCK)
+    rows = x.reshape(-1, K)
+    packed = torch.empty((rows.shape[0], K // 2), dtype=torch.uint8, device=x.device)
+    scale = torch.empty((rows.shape[0], K // 32), dtype=torch.uint8, device=x.device)
+    step = max(1, _MXFP4_CHUNK_ELEMS // K)
+    for lo in range(0, rows.shape[0], step):
+        xb = rows[lo:lo + step].float().unflatten(-1, (-1, 32))
+        amax = xb.abs().amax(-1).clamp_min(FP8_MIN_AMAX)
+        exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+        codes = e2m1_encode(xb / torch.exp2(exp).unsqueeze(-1)).flatten(-2)
+        packed[lo:lo + step] = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        scale[lo:lo + step] = (exp + 127).to(torch.uint8)
+    lead = x.shape[:-1]
+    return QuantTensor(packed.view(*lead, K // 2), scale.view(*lead, K // 32), "mxfp4", MXFP4_BLOCK)
 
 
 def unpack_e2m1(data: torch.Tensor) -> torch.Tensor:
