@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from . import registry
+from . import registry, settings
 from .formats import QuantTensor
 
 LIB = torch.library.Library("opbridge", "DEF")
@@ -156,11 +156,13 @@ class OpDef:
             ctx.save_for_backward(*[x for x, t in zip(inputs, is_tensor) if t])
             ctx.is_tensor = is_tensor
             ctx.others = [None if t else x for x, t in zip(inputs, is_tensor)]
+            ctx.backend_choice = settings.current_override()  # backward may run on another thread
 
         def backward(ctx: Any, *grads: Any) -> tuple:
             saved = iter(ctx.saved_tensors)
             flat_in = [next(saved) if t else x for x, t in zip(ctx.others, ctx.is_tensor)]
-            res = self.backward_op(list(grads), *flat_in)
+            with settings.restored(ctx.backend_choice):
+                res = self.backward_op(list(grads), *flat_in)
             out: list[Any] = [None] * len(flat_in)
             for r, (i, _) in zip(res, diff):
                 if ctx.needs_input_grad[i] and r.numel() > 0:

@@ -47,6 +47,7 @@ class OpImpl:
     fn: Callable[..., Any]
     supports: Supports = _always
     devices: Optional[frozenset[str]] = None  # None: any device type
+    deterministic: bool = True  # two identical calls give bitwise-identical results
 
     def why_not(self, device: torch.device, args: tuple, kwargs: dict) -> Optional[str]:
         if self.devices is not None and device.type not in self.devices:
@@ -81,17 +82,26 @@ class Backend:
             self._availability = self.check_available()
         return self._availability
 
-    def implement(self, op: str, *, supports: Supports = _always, devices: Optional[set[str]] = None):
-        """Decorator: register ``fn`` as this backend's implementation of ``op``."""
+    def implement(self, op: str, *, supports: Supports = _always, devices: Optional[set[str]] = None,
+                  deterministic: bool = True):
+        """Decorator: register ``fn`` as this backend's implementation of ``op``.
+
+        ``deterministic=False`` where results may differ bitwise between identical calls
+        (atomics, tie order); the conformance suite then skips the op's determinism cases.
+        """
         base = op.removesuffix("_backward")
         if base not in OP_NAMES:
             raise ConfigError(f"backend '{self.name}': unknown op '{op}'")
 
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-            self.impls[op] = OpImpl(fn, supports, frozenset(devices) if devices else None)
+            self.impls[op] = OpImpl(fn, supports, frozenset(devices) if devices else None, deterministic)
             return fn
 
         return deco
+
+    def is_deterministic(self, op: str) -> bool:
+        impl = self.impls.get(op)
+        return self.deterministic and (impl is None or impl.deterministic)
 
     def why_not(self, op: str, device: torch.device, args: tuple = (), kwargs: Optional[dict] = None) -> Optional[str]:
         avail = self.availability()

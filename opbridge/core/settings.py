@@ -143,6 +143,22 @@ def use_backend(spec: str | None = None, **per_op: str) -> Iterator[BackendChoic
         _override.reset(token)
 
 
+def current_override() -> BackendChoice | None:
+    """The use_backend choice in force in this context (None: the environment decides)."""
+    return _override.get()
+
+
+@contextlib.contextmanager
+def restored(choice: BackendChoice | None) -> Iterator[None]:
+    """Re-enter a choice captured with current_override(), e.g. in autograd's backward thread,
+    which does not inherit the forward's context variables."""
+    token = _override.set(choice)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
 def describe() -> dict[str, str]:
     """The raw value of every setting (for reports)."""
     return {s.env: os.environ.get(s.env, s.default) for s in SETTINGS}

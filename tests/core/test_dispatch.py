@@ -108,3 +108,36 @@ def test_dispatch_reaches_reference_directly():
     x = torch.randn(2, 4, 4)
     out = dispatch("sinkhorn", x.device, (x,), {"iters": 3, "eps": 1e-6})
     assert out.shape == x.shape
+
+
+def test_backward_keeps_the_forward_backend_on_another_context():
+    """GPU autograd runs backward on its own thread, which does not inherit use_backend's
+    context variable; the choice made at forward time must still pick the backward's backend."""
+    import contextvars
+
+    saved = registry._backends.get("triton")
+    calls = []
+    be = Backend("triton", lambda: Availability(True))
+    be.implement("sinkhorn")(lambda logits, *, iters, eps: logits.float().softmax(-1))
+
+    @be.implement("sinkhorn_backward")
+    def _bwd(grads, logits, *, iters, eps):
+        calls.append("triton")
+        return [torch.ones_like(logits)]
+
+    registry._backends["triton"] = be
+    try:
+        x = torch.randn(4, 4, requires_grad=True)
+        with opbridge.use_backend("triton"):
+            y = opbridge.sinkhorn(x)
+        contextvars.Context().run(lambda: y.sum().backward())  # outside the use_backend block, fresh context
+        assert calls == ["triton"] and torch.all(x.grad == 1)
+    finally:
+        registry._backends["triton"] = saved
+
+
+def test_per_op_determinism_flag():
+    be = Backend("x", lambda: Availability(True))
+    be.implement("moe")(lambda *a, **k: None)
+    be.implement("indexer_topk", deterministic=False)(lambda *a, **k: None)
+    assert be.is_deterministic("moe") and not be.is_deterministic("indexer_topk")
