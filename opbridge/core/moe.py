@@ -293,8 +293,14 @@ def _combine_fake(y_sorted, src_index, topk_weights, num_tokens):
 
 _COMBINE = OpDef("moe_combine", "Tensor y_sorted, Tensor src_index, Tensor topk_weights, int num_tokens", "Tensor",
                  _combine_fake, differentiable=("y_sorted", "topk_weights"))
-register_data_check("moe_combine", lambda y, src, w, T: C.in_range("moe_combine", "src_index", src, 0, w.numel(),
-                                                                  "token*k + slot"))
+def _combine_check(y_sorted, src_index, topk_weights, num_tokens) -> None:
+    C.in_range("moe_combine", "src_index", src_index, 0, topk_weights.numel(), "token*k + slot")
+    if src_index.numel() and src_index.unique().numel() != src_index.numel():
+        raise OpError("moe_combine", "src_index", "distinct token*k + slot values (as moe_permute makes them)",
+                      "duplicates")
+
+
+register_data_check("moe_combine", _combine_check)
 
 
 def moe_combine(y_sorted: torch.Tensor, src_index: torch.Tensor, topk_weights: torch.Tensor,

@@ -123,6 +123,7 @@ DATA_CASES = [
     ("grouped_gemm", 2, lambda t: torch.tensor([0, 2, 2, 5, 6], dtype=torch.int32), "offsets"),
     ("grouped_gemm_masked", 2, lambda t: t + 3, "masked_m"),
     ("moe_combine", 1, lambda t: t + 3, "src_index"),
+    ("moe_combine", 1, lambda t: torch.where(t == 2, 3, t), "src_index"),  # duplicates
     ("sparse_attention", 2, lambda t: torch.where(t == 5, 6, t), "indices"),
     ("sparse_attention", 2, lambda t: torch.where(t == 5, 3, t), "indices"),  # duplicate in a row
     ("sparse_attention", 2, lambda t: torch.where(t == 2, 3, t), "indices"),  # past the first sequence's 3 keys
