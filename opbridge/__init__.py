@@ -13,12 +13,13 @@ from .core.registry import OP_NAMES
 from .core.settings import use_backend
 from .core.sparse_attention import (indexer_logits, indexer_topk, indexer_topk_paged, kv_compress,
                                     sparse_attention, sparse_attention_paged, window_indices)
+from .integrations import patch, unpatch  # transformers is imported only when a model is patched
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "OpError", "OpTypeError", "UnsupportedError", "QuantTensor", "quantize", "dequantize",
-    "explain", "use_backend", "OP_NAMES",
+    "explain", "use_backend", "OP_NAMES", "patch", "unpatch",
     "moe_route", "moe_route_hash", "grouped_gemm", "grouped_gemm_masked", "moe", "moe_permute", "moe_combine",
     "indexer_topk", "indexer_logits", "indexer_topk_paged", "kv_compress", "sparse_attention",
     "sparse_attention_paged", "window_indices",
