@@ -11,6 +11,7 @@ import torch
 
 from . import checks as C
 from .errors import OpError
+from .kv_cache import get_layout
 from .opdef import OpDef
 from .registry import register_data_check
 
@@ -365,14 +366,15 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, *
 
 
 def _sap_fake(q, kv_cache, block_table, indices, *, scale, d_v, sink, extra_kv_cache, extra_block_table,
-              extra_indices):
-    dv = d_v or q.shape[-1]
+              extra_indices, kv_cache_layout="", extra_kv_cache_layout=""):
+    dv = d_v or q.shape[-1]  # q's last dim is Dqk for every cache layout
     return q.new_empty((*q.shape[:-1], dv)), q.new_empty(q.shape[:-1], dtype=C.wide_dtype(q))
 
 
 _SAP = OpDef("sparse_attention_paged",
              "Tensor q, Tensor kv_cache, Tensor block_table, Tensor indices, *, float scale, int? d_v, Tensor? sink, "
-             "Tensor? extra_kv_cache, Tensor? extra_block_table, Tensor? extra_indices", "(Tensor, Tensor)", _sap_fake)
+             "Tensor? extra_kv_cache, Tensor? extra_block_table, Tensor? extra_indices, str kv_cache_layout, "
+             "str extra_kv_cache_layout", "(Tensor, Tensor)", _sap_fake)
 
 
 def _sap_data_check(q, kv_cache, block_table, indices, *, extra_kv_cache=None, extra_block_table=None,
@@ -394,19 +396,40 @@ def sparse_attention_paged(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
                            indices: torch.Tensor, *, scale: float, d_v: Optional[int] = None,
                            sink: Optional[torch.Tensor] = None, extra_kv_cache: Optional[torch.Tensor] = None,
                            extra_block_table: Optional[torch.Tensor] = None,
-                           extra_indices: Optional[torch.Tensor] = None, return_lse: bool = False):
+                           extra_indices: Optional[torch.Tensor] = None, return_lse: bool = False,
+                           kv_cache_layout: str = "native", extra_kv_cache_layout: str = "native"):
     """Sparse attention for decode over a paged KV cache (OPS.md 3.4); same math as :func:`sparse_attention`.
 
     q ``[B, Sq, Hq, Dqk]``; kv_cache ``[num_blocks, block_size, Dqk]``; block_table int32
     ``[B, max_blocks]``; indices int32 ``[B, Sq, top_k]`` logical positions of sequence ``b``
     (position ``p`` lives in block ``block_table[b, p // block_size]``, slot ``p % block_size``).
     Returns out ``[B, Sq, Hq, d_v]`` and, if ``return_lse``, lse float32 ``[B, Sq, Hq]``.
+
+    ``kv_cache_layout`` (``extra_kv_cache_layout`` for ``extra_kv_cache``): ``"native"`` (a float
+    cache as above) or a packed FP8 cache of :mod:`opbridge.core.kv_cache`, uint8
+    ``[num_blocks, block_size, bytes_per_token]`` made by ``quantize_kv_cache``:
+    ``"fp8_ds_mla"`` (656 bytes per token, Dqk = 576, V3.2) or ``"fp8_ds_v4"`` (528 bytes, Dqk = 512).
+    The attention then runs on the dequantized tokens (``dequantize_kv_cache``); q's last dim must
+    be the layout's Dqk.
     """
+
     op = "sparse_attention_paged"
     S = C.Shapes(op)
     _sa_common(op, S, q, ("B", "Sq", "Hq", "Dqk"), scale, d_v, sink)
-    C.tensor(op, "kv_cache", kv_cache, C.FLOAT_DTYPES)
-    S.check("kv_cache", kv_cache.shape, ("num_blocks", "block_size", "Dqk"))
+    layout = get_layout(op, "kv_cache_layout", kv_cache_layout)
+    extra_layout = get_layout(op, "extra_kv_cache_layout", extra_kv_cache_layout)
+
+    def cache(arg: str, t: torch.Tensor, L, names: tuple) -> None:
+        if L is None:
+            C.tensor(op, arg, t, C.FLOAT_DTYPES)
+            S.check(arg, t.shape, (*names, "Dqk"))
+            return
+        C.tensor(op, arg, t, (torch.uint8,))
+        S.check(arg, t.shape, (*names, L.bytes_per_token))
+        if q.shape[-1] != L.dqk:
+            raise OpError(op, "q", f"last dim {L.dqk} (Dqk of {arg}_layout='{L.name}')", f"shape {tuple(q.shape)}")
+
+    cache("kv_cache", kv_cache, layout, ("num_blocks", "block_size"))
     C.tensor(op, "block_table", block_table, (torch.int32,))
     S.check("block_table", block_table.shape, ("B", "max_blocks"))
     C.tensor(op, "indices", indices, (torch.int32,))
@@ -416,17 +439,21 @@ def sparse_attention_paged(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
         raise OpError(op, "extra_kv_cache", "extra_kv_cache, extra_block_table and extra_indices given together",
                       f"only {sum(given)} of them")
     if extra_kv_cache is not None:
-        C.tensor(op, "extra_kv_cache", extra_kv_cache, C.FLOAT_DTYPES)
-        S.check("extra_kv_cache", extra_kv_cache.shape, ("num_blocks2", "block_size2", "Dqk"))
+        cache("extra_kv_cache", extra_kv_cache, extra_layout, ("num_blocks2", "block_size2"))
         C.tensor(op, "extra_block_table", extra_block_table, (torch.int32,))
         S.check("extra_block_table", extra_block_table.shape, ("B", "max_blocks2"))
         C.tensor(op, "extra_indices", extra_indices, (torch.int32,))
         S.check("extra_indices", extra_indices.shape, ("B", "Sq", "top_k2"))
+    elif extra_layout is not None:
+        raise OpError(op, "extra_kv_cache_layout", "'native' without extra_kv_cache", repr(extra_kv_cache_layout))
     C.same_device(op, q=q, kv_cache=kv_cache, block_table=block_table, indices=indices, sink=sink,
                   extra_kv_cache=extra_kv_cache, extra_block_table=extra_block_table, extra_indices=extra_indices)
+    # "native" travels as "" so a float-cache call looks as it did before packed layouts existed
+    # (same exported ONNX node, no attribute); backends read either through kv_cache.packed_layout.
     out, lse = _SAP.call(q, kv_cache, block_table, indices, scale=float(scale), d_v=d_v, sink=sink,
                          extra_kv_cache=extra_kv_cache, extra_block_table=extra_block_table,
-                         extra_indices=extra_indices)
+                         extra_indices=extra_indices, kv_cache_layout=layout.name if layout else "",
+                         extra_kv_cache_layout=extra_layout.name if extra_layout else "")
     return (out, lse) if return_lse else out
 
 

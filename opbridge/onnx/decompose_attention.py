@@ -243,7 +243,16 @@ def sparse_attention(g: Builder, a: Args) -> tuple[Any, Any]:
     return g.cast(out, a.q.dtype), g.cast(lse, _lse_dtype(dt))
 
 
-@decomposition("sparse_attention_paged")
+def _float_caches(a: Args) -> Optional[str]:
+    for arg in ("kv_cache_layout", "extra_kv_cache_layout"):
+        layout = getattr(a, arg)
+        if layout not in ("", "native"):
+            return (f"argument '{arg}' is the packed '{layout}' cache; standard-op decompositions read float "
+                    f"caches (dequantize_kv_cache first, or use mode 'custom')")
+    return None
+
+
+@decomposition("sparse_attention_paged", why_not=_float_caches)
 def sparse_attention_paged(g: Builder, a: Args) -> tuple[Any, Any]:
     op = g.op
     dt = g.wide(a.q, a.kv_cache)

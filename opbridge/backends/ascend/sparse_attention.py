@@ -214,7 +214,9 @@ def paged_to_slots(indices: torch.Tensor, block_table: torch.Tensor, block_size:
 
 
 def _sap_check(p, q, kv_cache, block_table, indices, *, scale, d_v, sink, extra_kv_cache, extra_block_table,
-               extra_indices):
+               extra_indices, kv_cache_layout="", extra_kv_cache_layout=""):
+    if kv_cache_layout not in ("", "native"):
+        return f"packed KV cache layout '{kv_cache_layout}' not supported (float caches only)"
     if extra_kv_cache is not None:
         return _ONE_KEY_SET
     return _sfa_reason(p, q, kv_cache, d_v, q.shape[2])
@@ -222,7 +224,7 @@ def _sap_check(p, q, kv_cache, block_table, indices, *, scale, d_v, sink, extra_
 
 @BACKEND.implement("sparse_attention_paged", supports=supports(SFA, check=_sap_check))
 def sparse_attention_paged(q, kv_cache, block_table, indices, *, scale, d_v, sink, extra_kv_cache,
-                           extra_block_table, extra_indices):
+                           extra_block_table, extra_indices, kv_cache_layout="", extra_kv_cache_layout=""):
     # The paged cache is read as one flat key sequence [num_blocks * block_size] with indices turned
     # into slot numbers: the same TND call as sparse_attention, with the softmax lse CANN's paged
     # layout (PA_BSND) does not return, and sinks composed from it on every SoC.

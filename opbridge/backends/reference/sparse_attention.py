@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from ...core.checks import wide_dtype
+from ...core.kv_cache import dequantize_kv_cache, packed_layout
 from ...core.sparse_attention import query_positions, seq_bounds, seq_ids
 from . import BACKEND
 
@@ -164,20 +165,23 @@ def sparse_attention(q, kv, indices, *, scale, d_v, cu_seqlens_q, cu_seqlens_k, 
 
 @BACKEND.implement("sparse_attention_paged")
 def sparse_attention_paged(q, kv_cache, block_table, indices, *, scale, d_v, sink, extra_kv_cache,
-                           extra_block_table, extra_indices):
+                           extra_block_table, extra_indices, kv_cache_layout="", extra_kv_cache_layout=""):
     dt = wide_dtype(q, kv_cache)
     B, Sq, Hq, Dqk = q.shape
     d_v = d_v or Dqk
 
-    def paged(cache, table, idx):
+    def paged(cache, table, idx, layout):
         bs = cache.shape[1]
         p = idx.long().clamp_min(0)
         rows = table.long().gather(1, (p // bs).flatten(1)).view_as(p) * bs + p % bs
-        return cache.flatten(0, 1)[rows].to(dt).flatten(0, 1), (idx >= 0).flatten(0, 1)
+        keys = cache.flatten(0, 1)[rows]
+        if packed_layout(layout) is not None:  # only the gathered tokens are unpacked
+            keys = dequantize_kv_cache(keys, layout=layout)
+        return keys.to(dt).flatten(0, 1), (idx >= 0).flatten(0, 1)
 
-    sets = [paged(kv_cache, block_table, indices)]
+    sets = [paged(kv_cache, block_table, indices, kv_cache_layout)]
     if extra_kv_cache is not None:
-        sets.append(paged(extra_kv_cache, extra_block_table, extra_indices))
+        sets.append(paged(extra_kv_cache, extra_block_table, extra_indices, extra_kv_cache_layout))
     out, lse = _attend(q.to(dt).flatten(0, 1), sets, scale, d_v, sink)
     lse = lse if dt == torch.float64 else lse.float()
     return out.view(B, Sq, Hq, d_v).to(q.dtype), lse.view(B, Sq, Hq)

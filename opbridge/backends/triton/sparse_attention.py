@@ -14,12 +14,14 @@ from typing import Optional
 
 import torch
 
+from ...core.kv_cache import GROUP, packed_layout
 from ...core.opdef import OPS
 from ...core.sparse_attention import FP8, query_positions, seq_bounds
 from ...kernels.triton import indexer as K_idx
 from ...kernels.triton import kv_compress as K_kvc
 from ...kernels.triton import sparse_attention as K_sa
 from ...kernels.triton import sparse_attention_bwd as K_bwd
+from ...kernels.triton import sparse_attention_fp8kv as K_fp8
 from ...kernels.triton.sparse_attention_common import pow2
 from ..reference.autograd import recompute_backward
 from . import BACKEND, devices, interpreting
@@ -86,18 +88,47 @@ def sparse_attention_backward(grads, q, kv, indices, *, scale, d_v, cu_seqlens_q
     return [dq, dkv, dsink, dextra]
 
 
-def _sap_supports(q, kv_cache, block_table, indices, *, d_v=None, extra_kv_cache=None, **_):
-    return _attn_reason(q, d_v, kv_cache=kv_cache, extra_kv_cache=extra_kv_cache)
+def _sap_supports(q, kv_cache, block_table, indices, *, d_v=None, extra_kv_cache=None, kv_cache_layout="",
+                  extra_kv_cache_layout="", **_):
+    L = packed_layout(kv_cache_layout)
+    if L is None:
+        if extra_kv_cache is not None and packed_layout(extra_kv_cache_layout) is not None:
+            return "a float kv_cache with a packed extra_kv_cache (use one kind of cache for both sets)"
+        return _attn_reason(q, d_v, kv_cache=kv_cache, extra_kv_cache=extra_kv_cache)
+    if extra_kv_cache is not None and packed_layout(extra_kv_cache_layout) != L:
+        return f"extra_kv_cache_layout must be kv_cache_layout ('{L.name}') with a packed kv_cache"
+    if q.dtype not in ATTN_DTYPES:
+        return f"q dtype {_dt(q)} not supported (float16, bfloat16, float32)"
+    if (d_v or q.shape[-1]) != L.n_fp8:
+        # The values are exactly the e4m3 channels: the kernel's value accumulators never mix in RoPE.
+        return f"kv_cache_layout '{L.name}' needs d_v = {L.n_fp8} (its e4m3 channels), got {d_v or q.shape[-1]}"
+    return None
+
+
+def _packed_set(cache, layout: str, block_table, indices, Sq: int) -> K_fp8.PackedKeySet:
+    L = packed_layout(layout)
+    fmt = K_fp8.PackedFormat(L.bytes_per_token, L.n_fp8, L.n_rope, GROUP)
+    return K_fp8.PackedKeySet.paged(cache, fmt, block_table, indices, Sq)
 
 
 @BACKEND.implement("sparse_attention_paged", supports=_sap_supports, devices=devices())
 def sparse_attention_paged(q, kv_cache, block_table, indices, *, scale, d_v, sink, extra_kv_cache,
-                           extra_block_table, extra_indices):
+                           extra_block_table, extra_indices, kv_cache_layout="", extra_kv_cache_layout=""):
     B, Sq, Hq, Dqk = q.shape
     dv = d_v or Dqk
-    sets = [K_sa.KeySet.paged(kv_cache, block_table, indices.reshape(B * Sq, -1), Sq)]
+    idx = indices.reshape(B * Sq, -1)
+    eidx = None if extra_kv_cache is None else extra_indices.reshape(B * Sq, -1)
+    if packed_layout(kv_cache_layout) is not None:
+        # Packed FP8 cache: its own kernel reads the bytes and keeps the scales out of the products.
+        sets = [_packed_set(kv_cache, kv_cache_layout, block_table, idx, Sq)]
+        if extra_kv_cache is not None:
+            sets.append(_packed_set(extra_kv_cache, extra_kv_cache_layout, extra_block_table, eidx, Sq))
+        out, lse = K_fp8.sparse_attention_fp8kv_fwd(q.reshape(B * Sq, Hq, Dqk), sets, scale=scale, sink=sink,
+                                                    interpret=interpreting())
+        return out.view(B, Sq, Hq, dv), lse.view(B, Sq, Hq)
+    sets = [K_sa.KeySet.paged(kv_cache, block_table, idx, Sq)]
     if extra_kv_cache is not None:
-        sets.append(K_sa.KeySet.paged(extra_kv_cache, extra_block_table, extra_indices.reshape(B * Sq, -1), Sq))
+        sets.append(K_sa.KeySet.paged(extra_kv_cache, extra_block_table, eidx, Sq))
     out, lse = K_sa.sparse_attention_fwd(q.reshape(B * Sq, Hq, Dqk), sets, scale=scale, d_v=dv, sink=sink,
                                          interpret=interpreting())
     return out.view(B, Sq, Hq, dv), lse.view(B, Sq, Hq)

@@ -11,6 +11,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+import opbridge
+
 from .common import Rand, causal_selection, cu_seqlens, dtype, fp8_rows, noncontiguous, paged_layout
 
 P = Mapping[str, Any]
@@ -172,6 +174,13 @@ def sparse_attention_paged(p: P, rng: Rand) -> dict:
         extra = torch.stack([_select(p, rng, ps, c, p["extra_top_k"], rate) for ps, c in zip(pos, comp)])
         out.update(extra_kv_cache=rng.normal(eblocks, bs, Dqk, dtype=dt), extra_block_table=etable,
                    extra_indices=extra)
+    layout = p.get("kv_cache_layout")
+    if layout:  # packed FP8 caches (opbridge.quantize_kv_cache); the oracle dequantizes them
+        out["kv_cache"] = opbridge.quantize_kv_cache(out["kv_cache"], layout=layout)
+        out["kv_cache_layout"] = layout
+        if out["extra_kv_cache"] is not None:
+            out["extra_kv_cache"] = opbridge.quantize_kv_cache(out["extra_kv_cache"], layout=layout)
+            out["extra_kv_cache_layout"] = layout
     return out
 
 
