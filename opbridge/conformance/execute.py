@@ -130,11 +130,11 @@ def run_case(case: Case, backend: str, device: str, *, oracle_device: Optional[s
         res.status, res.reason = "error", f"conformance suite error: {_short(e)}\n{_trace(e)}"
     res.total_s = time.perf_counter() - t_start
     if res.status in ("fail", "error"):
-        xf = expected_failure(backend, case.id)
+        xf = expected_failure(backend, case.id, device)
         if xf is not None:
             res.reason = f"expected failure: {xf.reason} | observed: {res.reason}"
             res.status = "xfail"
-    elif res.status == "pass" and expected_failure(backend, case.id) is not None:
+    elif res.status == "pass" and expected_failure(backend, case.id, device) is not None:
         res.reason = "listed in exceptions.json as an expected failure but passed: remove the entry"
     return res
 

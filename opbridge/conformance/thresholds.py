@@ -30,6 +30,11 @@ class Threshold:
 class ExpectedFailure:
     pattern: str
     reason: str
+    devices: tuple[str, ...] = ()  # device types it applies to; empty: all
+
+    def applies(self, case_id: str, device: str) -> bool:
+        dev_type = device.split(":")[0]
+        return fnmatch.fnmatchcase(case_id, self.pattern) and (not self.devices or dev_type in self.devices)
 
 
 class DataError(ValueError):
@@ -60,7 +65,7 @@ def exceptions(backend: str) -> dict:
     for e in raw.get("expected_failures", []):
         if not e.get("case") or not str(e.get("reason", "")).strip():
             raise DataError(f"exceptions.json: backend '{backend}': every expected failure needs 'case' and a 'reason'")
-        failures.append(ExpectedFailure(e["case"], e["reason"]))
+        failures.append(ExpectedFailure(e["case"], e["reason"], tuple(e.get("devices", ()))))
     loosened = {}
     base = base_thresholds()
     for key, v in raw.get("loosened_thresholds", {}).items():
@@ -79,8 +84,8 @@ def thresholds_for(backend: str) -> Mapping[str, Threshold]:
     return {**base_thresholds(), **exceptions(backend)["loosened"]}
 
 
-def expected_failure(backend: str, case_id: str) -> Optional[ExpectedFailure]:
+def expected_failure(backend: str, case_id: str, device: str = "") -> Optional[ExpectedFailure]:
     for e in exceptions(backend)["expected_failures"]:
-        if fnmatch.fnmatchcase(case_id, e.pattern):
+        if e.applies(case_id, device):
             return e
     return None

@@ -217,7 +217,7 @@ def stats(d: Dispatched) -> EPStats:
 def ep_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13, w2, *,  # noqa: ANN001
            group=None, num_experts: Optional[int] = None, activation: str = "swiglu",  # noqa: ANN001
            swiglu_limit: Optional[float] = None, dispatch_fp8: bool = False, capacity: Optional[int] = None,
-           shared_experts: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, overlap_shared: bool = True,
+           shared_experts: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, overlap_shared: bool = False,
            validate: bool = True, return_stats: bool = False):
     """Expert-parallel ``opbridge.moe``: the same math (OPS.md 2.4) with the experts sharded over ``group``.
 
@@ -233,8 +233,9 @@ def ep_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, 
             arrival (about half the bytes of bf16; not differentiable).
         capacity: ``None`` = dropless. An int ``c`` = at most ``c`` copies per (source rank, expert), fixed-size
             exchanges with no host synchronisation; later copies are dropped (they add nothing).
-        shared_experts: a callable ``x -> [T, H]`` added to the output, run on a second stream (where the
-            device has streams) while the all-to-alls are in flight.
+        shared_experts: a callable ``x -> [T, H]`` added to the output; with ``overlap_shared=True`` it runs
+            on a second stream (where the device has streams) while the all-to-alls are in flight (off by
+            default: measured slower than serial on one H200 node, see docs/distributed.md).
         validate: agree on the arguments across ranks first (one small all_gather); a mismatch raises the
             same ``OpError`` on every rank rather than hanging.
         return_stats: also return :class:`EPStats`.

@@ -30,7 +30,7 @@ class ExpertParallelMoE(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, group=None,  # noqa: ANN001
                  activation: str = "swiglu", swiglu_limit: Optional[float] = None, dispatch_fp8: bool = False,
                  capacity: Optional[int] = None, shared_experts: Optional[nn.Module] = None,
-                 overlap_shared: bool = True, validate: bool = True,
+                 overlap_shared: bool = False, validate: bool = True,
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
         world, rank = _group_info(group)

@@ -45,7 +45,7 @@ def test_unsupported_error_and_determinism_statuses():
 
 
 def test_expected_failure_becomes_xfail(monkeypatch):
-    monkeypatch.setattr(thresholds, "expected_failure", lambda b, cid: thresholds.ExpectedFailure("x", "known: issue 42"))
+    monkeypatch.setattr(thresholds, "expected_failure", lambda b, cid, device="": thresholds.ExpectedFailure("x", "known: issue 42"))
     from opbridge.conformance import execute
 
     monkeypatch.setattr(execute, "expected_failure", thresholds.expected_failure)
@@ -76,3 +76,10 @@ def test_crash_and_hang_are_one_case_each():
     others = {cid: r.status for cid, r in results.items() if cid not in ("sinkhorn/n6", "sinkhorn/n8")}
     assert set(others.values()) == {"pass"} and len(others) == len(cases) - 2
     assert ("sinkhorn/n6", True) in seen  # progress saw it start
+
+
+def test_expected_failure_can_be_limited_to_device_types():
+    xf = thresholds.ExpectedFailure("sparse_attention/T*", "bf16 P on tensor cores", ("cuda",))
+    assert xf.applies("sparse_attention/T1", "cuda:0") and xf.applies("sparse_attention/T1", "cuda")
+    assert not xf.applies("sparse_attention/T1", "cpu") and not xf.applies("moe/T1", "cuda")
+    assert thresholds.ExpectedFailure("moe/*", "any device").applies("moe/x", "npu")
