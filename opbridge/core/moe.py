@@ -223,6 +223,24 @@ def _ids_check(op: str, arg: str, ids: torch.Tensor, num_experts: int) -> None:
 register_data_check("moe", lambda x, tw, ids, w13, w2, **_: _ids_check("moe", "topk_ids", ids, w13.shape[0]))
 
 
+def check_moe_args(op: str, x, topk_weights, topk_ids, w13: Weight, w2: Weight, experts: str = "E") -> C.Shapes:
+    """Dtypes and shapes of a MoE layer's tensors (shared with expert parallelism, where the
+    weights hold the local experts: ``experts="El"``). Returns the collected sizes."""
+    C.tensor(op, "x", x, C.FLOAT_DTYPES)
+    C.tensor(op, "topk_weights", topk_weights, C.FLOAT_DTYPES)
+    C.tensor(op, "topk_ids", topk_ids, C.INDEX_DTYPES)
+    S = C.Shapes(op)
+    S.check("x", x.shape, ("T", "H"))
+    S.check("topk_weights", topk_weights.shape, ("T", "k"))
+    S.check("topk_ids", topk_ids.shape, ("T", "k"))
+    check_weight(op, "w13", w13, (experts, "2I", "H"), S)
+    if S["2I"] % 2:
+        raise OpError(op, "w13", "an even number of rows 2I (gate then up)", f"shape {tuple(w13.shape)}")
+    S.sizes["I"] = (S["2I"] // 2, "w13")
+    check_weight(op, "w2", w2, (experts, "H", "I"), S)
+    return S
+
+
 def moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: Weight, w2: Weight, *,
         activation: str = "swiglu", swiglu_limit: Optional[float] = None) -> torch.Tensor:
     """The fused MoE layer, DeepSeek's "Mega MoE" entry point (OPS.md 2.4).
@@ -236,18 +254,7 @@ def moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13
     either weight may be an fp8 (128,128) or mxfp4 (1,32) QuantTensor.
     """
     op = "moe"
-    C.tensor(op, "x", x, C.FLOAT_DTYPES)
-    C.tensor(op, "topk_weights", topk_weights, C.FLOAT_DTYPES)
-    C.tensor(op, "topk_ids", topk_ids, C.INDEX_DTYPES)
-    S = C.Shapes(op)
-    S.check("x", x.shape, ("T", "H"))
-    S.check("topk_weights", topk_weights.shape, ("T", "k"))
-    S.check("topk_ids", topk_ids.shape, ("T", "k"))
-    check_weight(op, "w13", w13, ("E", "2I", "H"), S)
-    if S["2I"] % 2:
-        raise OpError(op, "w13", "an even number of rows 2I (gate then up)", f"shape {tuple(w13.shape)}")
-    S.sizes["I"] = (S["2I"] // 2, "w13")
-    check_weight(op, "w2", w2, ("E", "H", "I"), S)
+    check_moe_args(op, x, topk_weights, topk_ids, w13, w2)
     C.choice(op, "activation", activation, ACTIVATIONS)
     if swiglu_limit is not None and not swiglu_limit > 0:
         raise OpError(op, "swiglu_limit", "a positive float or None", repr(swiglu_limit))

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from ..core import checks as C
 from ..core import settings
 from ..core.errors import OpError, OpTypeError
-from ..core.moe import ACTIVATIONS, check_weight
+from ..core.moe import ACTIVATIONS, check_moe_args
 from ..core.moe import moe as _moe
 from .agreement import Meta, agree, dtype_code, float_code
 from .comm import all_to_all
@@ -80,18 +80,7 @@ def _check_local(x, topk_weights, topk_ids, w13, w2, *, world: int, num_experts:
                  activation: str, swiglu_limit: Optional[float], dispatch_fp8: bool,
                  capacity: Optional[int]) -> Meta:
     """This rank's own argument checks (raise locally; :func:`agree` spreads the error to all ranks)."""
-    C.tensor(OP, "x", x, C.FLOAT_DTYPES)
-    C.tensor(OP, "topk_weights", topk_weights, C.FLOAT_DTYPES)
-    C.tensor(OP, "topk_ids", topk_ids, C.INDEX_DTYPES)
-    S = C.Shapes(OP)
-    S.check("x", x.shape, ("T", "H"))
-    S.check("topk_weights", topk_weights.shape, ("T", "k"))
-    S.check("topk_ids", topk_ids.shape, ("T", "k"))
-    check_weight(OP, "w13", w13, ("El", "2I", "H"), S)
-    if S["2I"] % 2:
-        raise OpError(OP, "w13", "an even number of rows 2I (gate then up)", f"shape {tuple(w13.shape)}")
-    S.sizes["I"] = (S["2I"] // 2, "w13")
-    check_weight(OP, "w2", w2, ("El", "H", "I"), S)
+    S = check_moe_args(OP, x, topk_weights, topk_ids, w13, w2, experts="El")
     El = S["El"]
     if El < 1:
         raise OpError(OP, "w13", "at least one local expert per rank", f"shape {tuple(w13.shape)}")

@@ -7,22 +7,7 @@ import torch
 import opbridge
 
 from . import naive
-
-F64 = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def _reference():
-    with opbridge.use_backend("reference"):
-        yield
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _randn(g, *shape, dtype=F64, scale=1.0):
-    return (torch.randn(*shape, generator=g, dtype=F64) * scale).to(dtype)
+from .conftest import F64, _gen, _randn
 
 
 def _site(g, n, C, dtype=F64):

@@ -9,24 +9,10 @@ import torch
 import opbridge
 
 from . import naive
+from .conftest import F64, _gen, _randn
 
-F64 = torch.float64
 I32 = torch.int32
 NEG_INF = float("-inf")
-
-
-@pytest.fixture(autouse=True)
-def _reference():
-    with opbridge.use_backend("reference"):
-        yield
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _randn(g, *shape, dtype=F64, scale=1.0):
-    return (torch.randn(*shape, generator=g, dtype=F64) * scale).to(dtype)
 
 
 def _cu(lengths) -> torch.Tensor:
