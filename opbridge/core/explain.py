@@ -43,11 +43,16 @@ class Report:
         return "\n".join(lines)
 
 
+def _describe(backend) -> str:
+    s = str(backend.availability())
+    return f"{s} ({backend.note})" if backend.note else s
+
+
 def explain() -> Report:
     """Devices found, each backend's availability (with the reason when unavailable), and the
     backend each op resolves to on each device type under the current settings."""
     devs = devices()
-    backends = tuple((name, str(get_backend(name).availability())) for name in BACKEND_MODULES)
+    backends = tuple((name, _describe(get_backend(name))) for name in BACKEND_MODULES)
     decisions = []
     for dtype in dict.fromkeys(d.type for d in devs):
         for op in OP_NAMES:

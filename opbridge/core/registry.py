@@ -74,6 +74,7 @@ class Backend:
     check_available: Callable[[], Availability]
     deterministic: bool = True
     always_validates: bool = False  # run data-dependent input checks on every call
+    note: str = ""  # one line on what has (and has not) been proven for this backend, shown by explain()
     impls: dict[str, OpImpl] = field(default_factory=dict)
     _availability: Optional[Availability] = None
 

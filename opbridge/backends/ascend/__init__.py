@@ -12,6 +12,9 @@ from __future__ import annotations
 from ...core.registry import Backend, register_backend
 from .runtime import availability
 
-BACKEND = register_backend(Backend("ascend", availability, deterministic=True))
+BACKEND = register_backend(Backend(
+    "ascend", availability, deterministic=True,
+    note="translation checked in CI against a contract emulator of the documented torch_npu ops; "
+         "no NPU has run this code yet, see docs/ascend.md"))
 
 from . import mhc, moe, sparse_attention  # noqa: E402,F401  (register the implementations)
