@@ -17,9 +17,10 @@ from importlib import resources
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from opbridge import OP_NAMES
+from opbridge.core.opdef import OPS
 
 TIERS = ("small", "full")
-KINDS = ("model", "edge", "bad", "determinism")
+KINDS = ("model", "edge", "bad", "determinism", "grad")
 FAMILIES = {
     "moe": ("moe_route", "moe_route_hash", "grouped_gemm", "grouped_gemm_masked", "moe", "moe_permute", "moe_combine"),
     "sparse_attention": ("indexer_topk", "indexer_logits", "indexer_topk_paged", "kv_compress", "sparse_attention",
@@ -92,6 +93,11 @@ def _resolve(raw: Mapping[str, Any], tier: str) -> Case:
                 mutate=tuple(raw.get("mutate", ())), expect=expect, validate=bool(raw.get("validate")), tier=tier)
 
 
+def _quantized(params: Mapping[str, Any]) -> bool:
+    return any(params.get(k) in ("fp8", "mxfp4") for k in ("a_fmt", "b_fmt", "w_fmt")) or \
+        bool(params.get("kv_cache_layout"))
+
+
 @functools.lru_cache(maxsize=None)
 def _all(tier: str) -> tuple[Case, ...]:
     if tier not in TIERS:
@@ -110,6 +116,15 @@ def _all(tier: str) -> tuple[Case, ...]:
         if first is not None:
             twins.append(Case(op=op, name=f"det-{first.name}", kind="determinism", params=first.params,
                               why=f"two identical calls of {first.id} are bitwise equal", tier=tier))
+    # Gradient twins (OPS.md 4.4): the first unquantized model case of each differentiable op, its
+    # backward against the reference's autograd on float64 copies.
+    for op in OP_NAMES:
+        if not OPS[op].differentiable:
+            continue
+        first = next((c for c in cases if c.op == op and c.kind == "model" and not _quantized(c.params)), None)
+        if first is not None:
+            twins.append(Case(op=op, name=f"grad-{first.name}", kind="grad", params=first.params,
+                              why=f"gradients of {first.id} wrt {', '.join(OPS[op].differentiable)}", tier=tier))
     # Keep each op's cases together, in the order of OPS.md.
     order = {op: i for i, op in enumerate(OP_NAMES)}
     return tuple(sorted(cases + twins, key=lambda c: order[c.op]))

@@ -293,3 +293,19 @@ def determinism(got: Sequence, again: Sequence, th: Mapping[str, Threshold]) -> 
     differing = sum(1 for a, b in zip(got, again) if not M.bitwise_equal(a, b)) + abs(len(got) - len(again))
     j.add("outputs.not_bitwise_equal", differing, "count")
     return j.metrics
+
+
+def gradients(got: Mapping[str, Optional[torch.Tensor]], want: Mapping[str, Optional[torch.Tensor]],
+              th: Mapping[str, Threshold]) -> list[Metric]:
+    """Each input's gradient against the oracle's: present on both sides, and within ``grad.diff``."""
+    j = Judge(th)
+    for name, w in want.items():
+        g = got.get(name)
+        if (g is None) != (w is None):
+            j.add(f"{name}.grad_missing", 1, "count")
+            continue
+        if g is None:
+            continue
+        j.add(f"{name}.grad.nonfinite_mismatch", M.nonfinite_mismatches(g, w.to(g.device)), "count")
+        j.add(f"{name}.grad.diff", M.diff(g, w.to(g.device)), "grad.diff")
+    return j.metrics

@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 import torch
 
 import opbridge
+from opbridge.core.opdef import OPS
 from opbridge.core.registry import get_backend
 
 from . import compare, mutations, oracle
@@ -91,6 +92,45 @@ def _timed(backend: str, call, device: str) -> tuple[tuple, float]:
         return out, time.perf_counter() - t0
 
 
+def _gradients(backend: str, call, device: str, upstream: Optional[list]) -> tuple[dict, list, float]:
+    """Run ``call`` on ``backend`` with its differentiable float inputs as leaves and backpropagate
+    ``upstream`` (one tensor per float output; drawn here, seeded, when None)."""
+    named, leaves = dict(call.named), {}
+    for name in OPS[call.op].differentiable:
+        v = named.get(name)
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            leaves[name] = named[name] = v.detach().clone().requires_grad_(True)
+    with opbridge.use_backend(backend):
+        t0 = time.perf_counter()
+        outs = [o for o in call.replace(**named).run() if o.is_floating_point() and o.requires_grad]
+        if upstream is None:
+            g = torch.Generator().manual_seed(1234)
+            upstream = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outs]
+        grads = [u.to(device=o.device, dtype=o.dtype) for u, o in zip(upstream, outs)]
+        torch.autograd.backward(outs, grads)
+        synchronize(device)
+        elapsed = time.perf_counter() - t0
+    return {n: leaf.grad for n, leaf in leaves.items()}, upstream, elapsed
+
+
+def _run_grad(case: Case, backend: str, call, device: str, oracle_device: str, th, res: CaseResult) -> None:
+    try:
+        got, upstream, res.time_s = _gradients(backend, call, device, None)
+    except opbridge.UnsupportedError as e:
+        res.status, res.reason = "unsupported", e.reason
+        return
+    except Exception as e:  # noqa: BLE001
+        res.status, res.reason = "error", f"{_short(e)}\n{_trace(e)}"
+        return
+    # The oracle backpropagates the same upstream values (as rounded to the backend's output dtypes).
+    want, _, _ = _gradients("reference", oracle.to_oracle(call, oracle_device), oracle_device,
+                            [u.to(torch.float64) for u in upstream])
+    res.metrics = compare.gradients(got, want, th)
+    failed = [m for m in res.metrics if not m.passed]
+    res.status = "fail" if failed else "pass"
+    res.reason = "; ".join(str(m) for m in failed)
+
+
 def _run_bad(case: Case, backend: str, device: str, res: CaseResult) -> CaseResult:
     call = mutations.mutate(build(case.op, case.params, device, case.seed), case.mutate)
     exp = case.expect or {}
@@ -156,6 +196,9 @@ def _run(case: Case, backend: str, device: str, oracle_device: str, res: CaseRes
         call = build(case.op, case.params, device, case.seed)
     except Exception as e:  # noqa: BLE001
         res.status, res.reason = "error", f"input generation failed: {_short(e)}\n{_trace(e)}"
+        return
+    if case.kind == "grad":
+        _run_grad(case, backend, call, device, oracle_device, th, res)
         return
     try:
         got, res.time_s = _timed(backend, call, device)

@@ -216,7 +216,8 @@ def paged_to_slots(indices: torch.Tensor, block_table: torch.Tensor, block_size:
 def _sap_check(p, q, kv_cache, block_table, indices, *, scale, d_v, sink, extra_kv_cache, extra_block_table,
                extra_indices, kv_cache_layout="", extra_kv_cache_layout=""):
     if kv_cache_layout not in ("", "native"):
-        return f"packed KV cache layout '{kv_cache_layout}' not supported (float caches only)"
+        return (f"packed KV cache layout '{kv_cache_layout}' not supported: npu_sparse_flash_attention reads "
+                f"float (bf16/fp16) caches only")
     if extra_kv_cache is not None:
         return _ONE_KEY_SET
     return _sfa_reason(p, q, kv_cache, d_v, q.shape[2])

@@ -19,7 +19,9 @@ def test_small_catalogue_on_the_emulated_npu(ascend, family):
     assert not bad, "\n".join(bad)
     for r in results:
         if r.status == "unsupported":
-            assert "npu_" in r.reason or "CANN" in r.reason, (r.id, r.reason)
+            # grad cases: either the forward's vendor-op reason, or no backward mapped yet (docs/ascend.md)
+            backward_missing = r.kind == "grad" and "_backward' is not implemented" in r.reason
+            assert "npu_" in r.reason or "CANN" in r.reason or backward_missing, (r.id, r.reason)
     passed = collections.Counter(r.op for r in results if r.status == "pass")
     # Each op family runs for real where the vendor ops exist (mHC: Ascend 950 only).
     for op in ("moe_route", "grouped_gemm", "moe", "moe_permute", "moe_combine", "indexer_topk", "sparse_attention",
