@@ -63,6 +63,16 @@ def _unflatten_quant(data: torch.Tensor, scale: Optional[torch.Tensor], fmt: str
     return QuantTensor(data, scale, fmt, tuple(block))
 
 
+def device_of(args: tuple) -> torch.device:
+    """The device of a call: that of its first tensor (or QuantTensor) argument."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+        if isinstance(a, QuantTensor):
+            return a.data.device
+    return torch.device("cpu")
+
+
 class OpDef:
     """One registered op. ``call`` is what the public function uses after validating."""
 
@@ -103,18 +113,9 @@ class OpDef:
     def call(self, *args: Any, **kwargs: Any) -> Any:
         return self.op(*self.flatten(args, kwargs))
 
-    @staticmethod
-    def device_of(args: tuple) -> torch.device:
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                return a.device
-            if isinstance(a, QuantTensor):
-                return a.data.device
-        return torch.device("cpu")
-
     def _impl(self, *flat: Any) -> Any:
         args, kwargs = self.unflatten(flat)
-        return registry.dispatch(self.name, self.device_of(args), args, kwargs)
+        return registry.dispatch(self.name, device_of(args), args, kwargs)
 
     def _fake_impl(self, *flat: Any) -> Any:
         args, kwargs = self.unflatten(flat)
@@ -139,7 +140,7 @@ class OpDef:
 
         def impl(grads: list, *flat_in: Any) -> list[torch.Tensor]:
             args, kwargs = self.unflatten(flat_in)
-            res = registry.dispatch(name, self.device_of(args), (list(grads),) + args, kwargs)
+            res = registry.dispatch(name, device_of(args), (list(grads),) + args, kwargs)
             # The schema needs a tensor in every slot: an absent (None) or quantized input, or a
             # gradient the backend did not compute, gets the same empty placeholder as the fake.
             return [r if r is not None else self._grad_like(flat_in, i, p, empty=True)

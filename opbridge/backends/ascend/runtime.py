@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ...core.errors import UnsupportedError
-from ...core.formats import QuantTensor
+from ...core.opdef import device_of
 from ...core.registry import Availability
 from . import capabilities as caps
 
@@ -122,15 +122,6 @@ def platform(device: torch.device) -> caps.Platform:
             pass
         _platforms[index] = caps.Platform(name, caps.family_of(name), version, branch, cann, _probe_schemas(npu))
     return _platforms[index]
-
-
-def device_of(args: tuple) -> torch.device:
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            return a.device
-        if isinstance(a, QuantTensor):
-            return a.data.device
-    return torch.device("cpu")
 
 
 Check = Callable[..., Optional[str]]
