@@ -29,6 +29,7 @@ import opbridge  # noqa: E402
 from opbridge.kernels.triton import indexer as K_idx  # noqa: E402
 from opbridge.kernels.triton import kv_compress as K_kvc  # noqa: E402
 from opbridge.kernels.triton import sparse_attention as K_sa  # noqa: E402
+from opbridge.conformance.metrics import diff  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 T0 = time.time()
@@ -75,11 +76,6 @@ class Run:
 
 
 # ---- metrics (OPS.md section 5) ------------------------------------------------------------------
-
-def diff(x, y) -> float:
-    x, y = x.double(), y.double()
-    den = float((x * x + y * y).sum())
-    return 0.0 if den == 0 else 1 - 2 * float((x * y).sum()) / den
 
 
 def attn_metrics(out, ref, lse=None, ref_lse=None) -> dict:

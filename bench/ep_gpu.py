@@ -52,6 +52,7 @@ import opbridge  # noqa: E402
 from opbridge.core.registry import decide  # noqa: E402
 from opbridge.distributed import combine, dispatch, ep_moe, expert_compute, make_layout, setup  # noqa: E402
 from opbridge.distributed.comm import all_to_all  # noqa: E402
+from opbridge.conformance.metrics import diff  # noqa: E402
 
 THRESHOLDS = {"bf16": 5e-5, "fp8": 1e-3}  # OPS.md 5: bf16 moe; fp8 activations
 
@@ -116,12 +117,6 @@ class SharedExpert(torch.nn.Module):
     def forward(self, x):
         gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.w2)
-
-
-def diff(a, b):
-    a, b = a.double(), b.double()
-    den = float((a * a + b * b).sum())
-    return 0.0 if den == 0 else float(1 - 2 * (a * b).sum() / den)
 
 
 def single_gpu_reference(x, w, ids, args, device):

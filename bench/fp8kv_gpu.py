@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import opbridge  # noqa: E402
 from opbridge.core.kv_cache import LAYOUTS, dequantize_kv_cache, quantize_kv_cache  # noqa: E402
 from opbridge.kernels.triton import sparse_attention_fp8kv as K_fp8  # noqa: E402
+from attention_gpu import attn_metrics  # noqa: E402  (bench/ is this script's folder)
 
 T0 = time.time()
 I32 = torch.int32
@@ -76,32 +77,6 @@ class Run:
             return None
         finally:
             self.save()
-
-
-def diff(x, y) -> float:
-    x, y = x.double(), y.double()
-    den = float((x * x + y * y).sum())
-    return 0.0 if den == 0 else 1 - 2 * float((x * y).sum()) / den
-
-
-def attn_metrics(out, ref, lse=None, ref_lse=None) -> dict:
-    """OPS.md 5: out diff < 7e-6 and per element abs < 8e-4 or rel < 3/128; lse abs < 1e-5 or rel < 2/65536."""
-    out, ref = out.double(), ref.double()
-    err = (out - ref).abs()
-    elem_ok = bool(((err < 8e-4) | (err < 3 / 128 * ref.abs())).all())
-    m = {"diff": diff(out, ref), "max_abs": float(err.max()), "elem_ok": elem_ok,
-         "finite": bool(torch.isfinite(out).all())}
-    ok = m["diff"] < 7e-6 and elem_ok and m["finite"]
-    if lse is not None:
-        lse, ref_lse = lse.double(), ref_lse.double()
-        fin = torch.isfinite(ref_lse)
-        e = (lse[fin] - ref_lse[fin]).abs()
-        lse_ok = bool(((e < 1e-5) | (e < 2 / 65536 * ref_lse[fin].abs())).all()) and \
-            bool(torch.equal(torch.isinf(lse), torch.isinf(ref_lse)))
-        m.update(lse_max_abs=float(e.max()) if e.numel() else 0.0, lse_ok=lse_ok)
-        ok = ok and lse_ok
-    m["pass"] = ok
-    return m
 
 
 def main() -> int:

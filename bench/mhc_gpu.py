@@ -27,6 +27,7 @@ from opbridge.kernels.triton import mhc_post as K_post
 from opbridge.kernels.triton import mhc_pre as K_pre
 from opbridge.kernels.triton import mhc_pre_backward as K_pre_bwd
 from opbridge.kernels.triton import mhc_configs
+from opbridge.conformance.metrics import diff
 
 F64 = torch.float64
 KW = dict(sinkhorn_iters=20, eps=1e-6, norm_eps=1e-6, post_scale=2.0)
@@ -79,11 +80,6 @@ def backend_env(name):
             os.environ.pop("OPBRIDGE_BACKEND", None)
         else:
             os.environ["OPBRIDGE_BACKEND"] = old
-
-
-def diff(a, b):
-    a, b = a.detach().to(F64), b.detach().to(F64)
-    return float(1 - 2 * (a * b).sum() / (a * a + b * b).sum())
 
 
 def maxabs(a, b):

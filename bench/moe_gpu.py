@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import opbridge  # noqa: E402
 from opbridge.core.formats import QuantTensor, dequantize, quantize  # noqa: E402
+from opbridge.conformance.metrics import diff  # noqa: E402
 
 RESULTS: dict = {"checks": [], "timings": [], "errors": []}
 OUT_DIR = "."
@@ -53,12 +54,6 @@ def save():
 
 def left() -> float:
     return DEADLINE - time.time()
-
-
-def diff(x, y) -> float:
-    x, y = x.double(), y.double()
-    den = (x * x + y * y).sum()
-    return 0.0 if den == 0 else float(1 - 2 * (x * y).sum() / den)
 
 
 def poison(nbytes: int = 1 << 30):

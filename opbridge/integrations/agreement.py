@@ -13,15 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
-
-
-def diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    """OPS.md section 5: ``1 - 2 sum(xy) / sum(x^2 + y^2)`` in float64 over the finite positions (0 for two zeros)."""
-    x, y = x.detach().double(), y.detach().double()
-    ok = torch.isfinite(x) & torch.isfinite(y)
-    x, y = x[ok], y[ok]
-    den = (x * x + y * y).sum()
-    return 0.0 if float(den) == 0.0 else float(1 - 2 * (x * y).sum() / den)
+from opbridge.conformance.metrics import diff
 
 
 def max_abs(x: torch.Tensor, y: torch.Tensor) -> float:

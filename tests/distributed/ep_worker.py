@@ -21,16 +21,10 @@ from torch import nn
 
 import opbridge
 from opbridge.distributed import (ExpertParallelMoE, combine, dispatch, ep_moe, expert_compute, setup)
+from opbridge.conformance.metrics import diff
 
 E_PER_RANK, H, I, K = 2, 128, 32, 3
 BF16_DIFF, FP8_DIFF, FP32_DIFF = 5e-5, 1e-3, 1e-10  # OPS.md 5: bf16 moe, fp8 moe; fp32 has no rounding step
-
-
-def diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """OPS.md section 5: 1 - 2 sum(xy) / sum(x^2 + y^2), in float64."""
-    a, b = a.detach().double(), b.detach().double()
-    den = (a * a + b * b).sum()
-    return 0.0 if float(den) == 0.0 else float(1 - 2 * (a * b).sum() / den)
 
 
 class Problem:

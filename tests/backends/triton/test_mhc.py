@@ -10,15 +10,10 @@ import pytest
 import torch
 
 import opbridge
+from opbridge.conformance.metrics import diff
 
 F64 = torch.float64
 KW = dict(sinkhorn_iters=20, eps=1e-6, norm_eps=1e-6, post_scale=2.0)
-
-
-def diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().to(F64), b.detach().to(F64)
-    den = (a * a + b * b).sum()
-    return 0.0 if den == 0 else float(1 - 2 * (a * b).sum() / den)
 
 
 def maxabs(a: torch.Tensor, b: torch.Tensor) -> float:

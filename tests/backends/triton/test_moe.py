@@ -13,15 +13,10 @@ import triton.language as tl
 import opbridge
 from opbridge.core.formats import QuantTensor, dequantize, quantize
 from opbridge.kernels.triton.grouped_gemm import rne_bf16, rne_e4m3
+from opbridge.conformance.metrics import diff
 
 F64 = torch.float64
 BF16 = torch.bfloat16
-
-
-def diff(x, y) -> float:
-    x, y = x.double(), y.double()
-    den = (x * x + y * y).sum()
-    return 0.0 if den == 0 else float(1 - 2 * (x * y).sum() / den)
 
 
 def _g(seed):

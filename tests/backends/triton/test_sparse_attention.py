@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import opbridge
+from opbridge.conformance.metrics import diff
 
 F64 = torch.float64
 I32 = torch.int32
@@ -39,12 +40,6 @@ def _f64(x):
 
 def _cpu(x):
     return None if x is None else x.detach().cpu()
-
-
-def diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double(), y.double()
-    den = float((x * x + y * y).sum())
-    return 0.0 if den == 0 else 1 - 2 * float((x * y).sum()) / den
 
 
 def assert_attn_close(out, ref, lse=None, ref_lse=None):

@@ -14,15 +14,11 @@ from opbridge.kernels.triton import mhc_pre as K_pre
 from opbridge.kernels.triton import mhc_pre_backward as K_pre_bwd
 from opbridge.kernels.triton import sinkhorn as K_sk
 from opbridge.kernels.triton.mhc_configs import config, next_pow2
+from opbridge.conformance.metrics import diff
 
 F64 = torch.float64
 ARGS = (20, 1e-6, 1e-6, 2.0)  # iters, eps, norm_eps, post_scale
 REF_KW = dict(sinkhorn_iters=20, eps=1e-6, norm_eps=1e-6, post_scale=2.0)
-
-
-def diff(a, b):
-    a, b = a.to(F64), b.to(F64)
-    return float(1 - 2 * (a * b).sum() / (a * a + b * b).sum())
 
 
 def _site(g, n, C, device):
