@@ -166,7 +166,7 @@ def _limits(positions: torch.Tensor, klen: torch.Tensor, causal: bool, rate: int
     return lim.clamp_min(0).to(torch.int32)
 
 
-def _varlen_indexer(q, k, cu_seqlens_q, cu_seqlens_k, causal, compress_rate, q_positions):
+def _varlen_indexer(q, k, k_scale, cu_seqlens_q, cu_seqlens_k, causal, compress_rate, q_positions):
     Tq, Tk = q.shape[0], k.shape[0]
     ks, kl = K_sa.varlen_bounds(cu_seqlens_q, cu_seqlens_k, Tq, Tk, q.device)
     if q_positions is None:
@@ -177,7 +177,7 @@ def _varlen_indexer(q, k, cu_seqlens_q, cu_seqlens_k, causal, compress_rate, q_p
     else:  # the one host sync: the score rows are as wide as the longest key sequence
         width = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if cu_seqlens_k.shape[0] > 1 else 0
     cu_q = seq_bounds(cu_seqlens_q, Tq, q.device)
-    return K_idx.Keys(k, None, kstart=ks), limit, cu_q, width
+    return K_idx.Keys(k, k_scale, kstart=ks), limit, cu_q, width
 
 
 def _idx_supports(q, k, weights, *a, **kw):
@@ -187,9 +187,8 @@ def _idx_supports(q, k, weights, *a, **kw):
 @BACKEND.implement("indexer_logits", supports=_idx_supports, devices=devices())
 def indexer_logits(q, k, weights, *, cu_seqlens_q, cu_seqlens_k, causal, compress_rate, q_positions, q_scale,
                    k_scale):
-    keys, limit, cu_q, width = _varlen_indexer(q, k, cu_seqlens_q, cu_seqlens_k, causal, compress_rate,
+    keys, limit, cu_q, width = _varlen_indexer(q, k, k_scale, cu_seqlens_q, cu_seqlens_k, causal, compress_rate,
                                                q_positions)
-    keys.k_scale = k_scale
     out = torch.empty((q.shape[0], width), dtype=torch.float32, device=q.device)
     if q.shape[0] and width:
         K_idx.indexer_scores(q, keys, weights, q_scale, limit, cu_q, out, 0, q.shape[0], write_masked=True,
@@ -201,9 +200,8 @@ def indexer_logits(q, k, weights, *, cu_seqlens_q, cu_seqlens_k, causal, compres
 @BACKEND.implement("indexer_topk", supports=_idx_supports, devices=devices(), deterministic=False)
 def indexer_topk(q, k, weights, top_k, *, cu_seqlens_q, cu_seqlens_k, causal, compress_rate, q_positions, q_scale,
                  k_scale):
-    keys, limit, cu_q, width = _varlen_indexer(q, k, cu_seqlens_q, cu_seqlens_k, causal, compress_rate,
+    keys, limit, cu_q, width = _varlen_indexer(q, k, k_scale, cu_seqlens_q, cu_seqlens_k, causal, compress_rate,
                                                q_positions)
-    keys.k_scale = k_scale
     return K_idx.indexer_topk(q, keys, weights, q_scale, limit, cu_q, width, top_k, interpret=interpreting())
 
 
