@@ -90,12 +90,19 @@ def sk_backward(L, G, valid, row_valid, iters, eps):
 # ---- kernels -------------------------------------------------------------------------------------------
 
 @triton.jit
-def _sinkhorn_fwd_kernel(l_ptr, out_ptr, M, iters, eps, N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr):
+def _mat_tile(M, N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr):
+    """This program's ``BM`` n x n matrices (padded to NP x NP): element offsets, element mask, row mask."""
     mats = tl.program_id(0) * BM + tl.arange(0, BM)
     i = tl.arange(0, NP)
     valid = (mats < M)[:, None, None] & (i < N)[None, :, None] & (i < N)[None, None, :]
     row_valid = (mats < M)[:, None] & (i < N)[None, :]
     offs = mats.to(tl.int64)[:, None, None] * (N * N) + i[None, :, None] * N + i[None, None, :]
+    return offs, valid, row_valid
+
+
+@triton.jit
+def _sinkhorn_fwd_kernel(l_ptr, out_ptr, M, iters, eps, N: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr):
+    offs, valid, row_valid = _mat_tile(M, N, NP, BM)
     L = tl.load(l_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     out = sk_forward(L, valid, row_valid, iters, eps)
     tl.store(out_ptr + offs, out, mask=valid)
@@ -104,11 +111,7 @@ def _sinkhorn_fwd_kernel(l_ptr, out_ptr, M, iters, eps, N: tl.constexpr, NP: tl.
 @triton.jit
 def _sinkhorn_bwd_kernel(l_ptr, g_ptr, dl_ptr, M, iters, eps, N: tl.constexpr, NP: tl.constexpr,
                          BM: tl.constexpr):
-    mats = tl.program_id(0) * BM + tl.arange(0, BM)
-    i = tl.arange(0, NP)
-    valid = (mats < M)[:, None, None] & (i < N)[None, :, None] & (i < N)[None, None, :]
-    row_valid = (mats < M)[:, None] & (i < N)[None, :]
-    offs = mats.to(tl.int64)[:, None, None] * (N * N) + i[None, :, None] * N + i[None, None, :]
+    offs, valid, row_valid = _mat_tile(M, N, NP, BM)
     L = tl.load(l_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     G = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     dL = sk_backward(L, G, valid, row_valid, iters, eps)
