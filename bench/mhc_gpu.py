@@ -34,32 +34,31 @@ KW = dict(sinkhorn_iters=20, eps=1e-6, norm_eps=1e-6, post_scale=2.0)
 ARGS = (20, 1e-6, 1e-6, 2.0)
 
 # Configurations swept on the GPU (the first of each list is the checked-in default).
-_V1 = dict(BT=64, CC=32, NSUB=8, num_warps=8, num_stages=3)
+_V1 = dict(BT=64, CC=32, NSUB=8, num_warps=4, num_stages=3, PHI2=0)
 PRE_CFGS = [
-    dict(_V1, NSUB=16, LAG=16),                # best of the previous run
-    dict(_V1, LAG=16, PHI2=1),                 # phi split into bf16 hi/lo once per call
-    dict(_V1, NSUB=16, LAG=16, PHI2=1),
-    dict(_V1, LAG=32, PHI2=1),
-    dict(_V1, LAG=8, PHI2=1),
-    dict(_V1, LAG=16, PHI2=1, INTERLEAVE=1),
-    dict(_V1, LAG=16, PHI2=1, COLLAPSE=0),     # diagnostic: GEMM + epilogue only (y not written)
-    dict(_V1, BT=128, LAG=8, PHI2=1),
-    dict(_V1, CC=64, NSUB=4, LAG=16, PHI2=1),
-    dict(_V1, LAG=16, PHI2=1, num_warps=4),
+    _V1,
+    dict(_V1, NSUB=16, num_stages=4),
+    dict(_V1, BT=128),
+    dict(_V1, CONTIG=0),                        # splits strided over the streams
+    dict(_V1, BT2=32, SB=8),                    # coefficient blocks
+    dict(_V1, PHI2=1),                          # phi pre-split into bf16 hi/lo once per call
+    dict(_V1, num_warps=8),
+    dict(_V1, BT3=16, CC3=128),                 # collapse tiles
+    dict(_V1, BT3=4, CC3=512, STEPS3=2),
 ]
-_F1 = dict(BT=64, CC=16, NSUB=16, num_warps=8, num_stages=2)
-POST_PRE_CFGS = [
-    dict(_F1, LAG=8),
-    dict(_F1, LAG=8, PHI2=1),
-    dict(_F1, LAG=16, PHI2=1),
-    dict(_F1, LAG=8, PHI2=1, INTERLEAVE=1),
-    dict(_F1, LAG=8, PHI2=1, COLLAPSE=0),      # diagnostic: new residual + GEMM + epilogue only
+_F1 = dict(BT=16, CC=32, NSUB=8, num_warps=2, num_stages=3, PHI2=1)
+POST_PRE_CFGS = [  # the fused launch (not registered: post then pre measured faster)
+    _F1,
+    dict(_F1, BT=64, CC=16, NSUB=16, num_warps=4),
+    dict(_F1, num_warps=4),
 ]
-DECODE_CFGS = [dict(NSUB=2, SB=32), dict(NSUB=4, SB=16), dict(NSUB=8, SB=8), dict(NSUB=2, SB=32, BT=16)]
+DECODE_CFGS = [dict(BT=16, NSUB=4, BT2=8, SB=16, STEPS3=1), dict(BT=16, NSUB=2, BT2=16, SB=32, STEPS3=1),
+               dict(BT=16, NSUB=8, BT2=8, SB=8, STEPS3=1), dict(BT=16, NSUB=4, BT2=4, SB=16, STEPS3=1, warps2=2)]
 POST_CFGS = [dict(BT=1, CC=1024, num_warps=4), dict(BT=1, CC=512, num_warps=2), dict(BT=2, CC=512, num_warps=4),
              dict(BT=2, CC=1024, num_warps=8), dict(BT=4, CC=256, num_warps=4)]
 POST_BWD_CFGS = [dict(BT=1, CC=1024, num_warps=4), dict(BT=1, CC=512, num_warps=2), dict(BT=2, CC=512, num_warps=4)]
 PRE_BWD_CFGS = [
+    dict(BT=64, CC=32, NSUB=8, BT2=16, CW=32, BT3=32, TS=1, num_warps=4, num_stages=3),
     dict(BT=64, CC=32, NSUB=8, BT2=16, CW=16, BT3=32, TS=1, num_warps=4, num_stages=3),
     dict(BT=64, CC=32, NSUB=8, BT2=16, CW=16, BT3=64, TS=1, num_warps=8, num_stages=3),
     dict(BT=64, CC=16, NSUB=16, BT2=32, CW=16, BT3=32, TS=2, num_warps=4, num_stages=3),
@@ -193,7 +192,10 @@ class Bench:
             xd, phid, ad, bd, fd, pd, cd = (t.to(F64) for t in (x, phi, alpha, bias, f, post, comb))
             yr, pr, cr = R.mhc_pre(xd, phid, ad, bd, **KW)
             orr = R.mhc_post(fd, xd, pd, cd)
-            nrr, y2r, p2r, c2r = R.mhc_post_pre(fd, xd, pd, cd, phid, ad, bd, **KW)
+            # mhc_post_pre as OPS.md 4.5 reads (and the conformance suite judges it): the new residual
+            # against float64, the next site on the returned (residual-dtype) new residual.
+            nrr = orr
+            y2r, p2r, c2r = R.mhc_pre(nr.to(F64), phid, ad, bd, **KW)
             e = {"mhc_pre.y_diff": diff(y, yr), "mhc_pre.post_maxabs": maxabs(p, pr),
                  "mhc_pre.comb_maxabs": maxabs(c, cr), "mhc_post.diff": diff(o, orr),
                  "mhc_post_pre.new_diff": diff(nr, nrr), "mhc_post_pre.y_diff": diff(y2, y2r),
@@ -282,7 +284,7 @@ class Bench:
                 except Exception as e:  # a config that does not compile on this GPU is data, not a crash
                     d[f"cfg{i}"] = {"cfg": cfg, "error": repr(e)[:300]}
                 self.save()
-            ok = {k: v for k, v in d.items() if "ms" in v and v["cfg"].get("COLLAPSE", 1)}  # diagnostics excluded
+            ok = {k: v for k, v in d.items() if "ms" in v}
             best = min(ok, key=lambda k: ok[k]["ms"]) if ok else None
             print(f"{name}: " + ", ".join(f"{k}={v.get('ms', v.get('error', v.get('skipped')))}" for k, v in d.items()),
                   flush=True)

@@ -6,10 +6,11 @@ Streams may be bfloat16, float16 or float32, with 1 to 8 of them (n = 4 is tuned
 are float32; ``post``/``comb`` come back float32 and ``y`` in the dtype of the streams, as in the
 reference. Float64 calls are the reference backend's (the oracle), not this one's.
 
-``mhc_post_pre`` runs the ``mhc_post`` kernel, then the ``mhc_pre`` kernel on its output (in the
-residual's dtype, as OPS.md 4.5 defines it). The single-pass fused kernel
-(``kernels.triton.mhc_pre.mhc_post_pre``) measured 4x slower on the H100 than these two launches
-and computes the next site from the unrounded residual, so it is not registered; see docs/triton-mhc.md.
+``mhc_post_pre`` runs the ``mhc_post`` kernel, then the ``mhc_pre`` kernels on its output (in the
+residual's dtype, as OPS.md 4.5 defines it). The fused launch (``kernels.triton.mhc_pre.mhc_post_pre``,
+the post mix made on chip inside the prenorm GEMM, same results bit for bit with strided splits)
+measured slower on the H100 (its GEMM launch alone 0.89 ms against 0.40 + 0.19 ms), so it is not
+registered; see docs/triton-mhc.md.
 """
 from __future__ import annotations
 

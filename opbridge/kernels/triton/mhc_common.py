@@ -95,19 +95,6 @@ def post_tile(f_ptr, res_ptr, cin_ptr, pin, rows, rmask, kidx, c, cmask, C, N: t
 
 
 @triton.jit
-def post_mix(pin, cin, fv, res, kidx, N: tl.constexpr):
-    """``post_tile`` on tiles already in registers: ``pin [BT, NP]``, ``cin [BT, NP, NP]`` (comb),
-    ``fv [BT, CC]``, ``res [BT, NP, CC]``, all fp32. Same operations in the same order as ``post_tile``."""
-    acc = pin[:, :, None] * fv[:, None, :]
-    for j in tl.static_range(N):
-        sel = (kidx == j)[None, :, None]
-        rj = tl.sum(tl.where(sel, res, 0.0), axis=1)
-        cj = tl.sum(tl.where(sel, cin, 0.0), axis=1)
-        acc += cj[:, :, None] * rj[:, None, :]
-    return acc
-
-
-@triton.jit
 def reduce_partials(part_ptr, sq_ptr, rows, rmask, T, S, N: tl.constexpr, NP: tl.constexpr, NPHI: tl.constexpr,
                     BT: tl.constexpr, SB: tl.constexpr):
     """Sum the split-K partials of one token block in a fixed order (deterministic).

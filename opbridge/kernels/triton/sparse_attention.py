@@ -29,85 +29,123 @@ CONFIG_FILE = "attn_sparse.json"
 
 
 @triton.jit
-def _attend_set(q_main, q_tail, m_i, l_i, acc, kv_ptr, stride_kv, idx_ptr, idx_off, n_idx, kstart, klen, d_v, d_t,
-                qk_scale, BLOCK_N: tl.constexpr, DV: tl.constexpr, DT: tl.constexpr, HAS_TAIL: tl.constexpr,
-                UPCAST: tl.constexpr, IEEE: tl.constexpr, LAZY: tl.constexpr):
+def _tile(q_main, q_tail, m_i, l_i, acc, base, valid, d_v, d_t, qk_scale, DV: tl.constexpr, DT: tl.constexpr,
+          HAS_TAIL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, LAZY: tl.constexpr,
+          SPLIT_P: tl.constexpr):
+    """One gathered tile of keys (rows at ``base``, ``valid`` per key) into the online softmax."""
     offs_v = tl.arange(0, DV)
     offs_t = tl.arange(0, DT)
-    for j0 in range(0, n_idx, BLOCK_N):
-        rows, valid = key_rows(idx_ptr, idx_off, j0, n_idx, kstart, klen, BLOCK_N)
-        base = kv_ptr + rows[:, None] * stride_kv
-        # Column masks only for padded head dims: with d_v == DV the loads stay 16-byte vectors.
-        if d_v == DV:
-            k_main = tl.load(base + offs_v[None, :], mask=valid[:, None], other=0.0)
+    # Column masks only for padded head dims: with d_v == DV the loads stay 16-byte vectors.
+    if d_v == DV:
+        k_main = tl.load(base + offs_v[None, :], mask=valid[:, None], other=0.0)
+    else:
+        k_main = tl.load(base + offs_v[None, :], mask=valid[:, None] & (offs_v[None, :] < d_v), other=0.0)
+    if UPCAST:
+        k_main = k_main.to(tl.float32)
+    if IEEE:
+        s = tl.dot(q_main, tl.trans(k_main), input_precision="ieee")
+    else:
+        s = tl.dot(q_main, tl.trans(k_main))
+    if HAS_TAIL:
+        if d_t == DT:
+            k_tail = tl.load(base + d_v + offs_t[None, :], mask=valid[:, None], other=0.0)
         else:
-            k_main = tl.load(base + offs_v[None, :], mask=valid[:, None] & (offs_v[None, :] < d_v), other=0.0)
+            k_tail = tl.load(base + d_v + offs_t[None, :], mask=valid[:, None] & (offs_t[None, :] < d_t),
+                             other=0.0)
         if UPCAST:
-            k_main = k_main.to(tl.float32)
+            k_tail = k_tail.to(tl.float32)
         if IEEE:
-            s = tl.dot(q_main, tl.trans(k_main), input_precision="ieee")
+            s += tl.dot(q_tail, tl.trans(k_tail), input_precision="ieee")
         else:
-            s = tl.dot(q_main, tl.trans(k_main))
-        if HAS_TAIL:
-            if d_t == DT:
-                k_tail = tl.load(base + d_v + offs_t[None, :], mask=valid[:, None], other=0.0)
-            else:
-                k_tail = tl.load(base + d_v + offs_t[None, :], mask=valid[:, None] & (offs_t[None, :] < d_t),
-                                 other=0.0)
-            if UPCAST:
-                k_tail = k_tail.to(tl.float32)
-            if IEEE:
-                s += tl.dot(q_tail, tl.trans(k_tail), input_precision="ieee")
-            else:
-                s += tl.dot(q_tail, tl.trans(k_tail))
-        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if LAZY:
-            # Move a row's running max only when it grows by more than 2^8: p stays <= 256 (exact
-            # enough in fp32 sums and bf16), and most tiles then skip rescaling the accumulator.
-            m_new = tl.where(m_new > m_i + 8.0, m_new, m_i)
-        # A row with no valid key so far keeps m = -inf; shift by 0 there so exp2 never sees inf - inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        if LAZY:
-            if tl.max((m_new > m_i).to(tl.int32)) > 0:  # some row moved (always on its first valid tile)
-                alpha = tl.exp2(m_i - m_safe)
-                l_i = l_i * alpha
-                acc = acc * alpha[:, None]
-        else:
+            s += tl.dot(q_tail, tl.trans(k_tail))
+    s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if LAZY:
+        # Move a row's running max only when it grows by more than 2^8: p stays <= 256 (exact
+        # enough in fp32 sums and bf16), and most tiles then skip rescaling the accumulator.
+        m_new = tl.where(m_new > m_i + 8.0, m_new, m_i)
+    # A row with no valid key so far keeps m = -inf; shift by 0 there so exp2 never sees inf - inf.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    if LAZY:
+        if tl.max((m_new > m_i).to(tl.int32)) > 0:  # some row moved (always on its first valid tile)
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha
             acc = acc * alpha[:, None]
-        l_i = l_i + tl.sum(p, 1)
-        if IEEE:
-            acc += tl.dot(p.to(k_main.dtype), k_main, input_precision="ieee")
-        else:
-            acc += tl.dot(p.to(k_main.dtype), k_main)
-        m_i = m_new
+    else:
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha
+        acc = acc * alpha[:, None]
+    l_i = l_i + tl.sum(p, 1)
+    if IEEE:
+        acc += tl.dot(p.to(k_main.dtype), k_main, input_precision="ieee")
+    elif SPLIT_P:
+        # p = hi + lo in two 16-bit products: ~16 significant bits instead of 8 (see EXACT_BELOW).
+        p_hi = p.to(k_main.dtype)
+        acc += tl.dot(p_hi, k_main)
+        acc += tl.dot((p - p_hi.to(tl.float32)).to(k_main.dtype), k_main)
+    else:
+        acc += tl.dot(p.to(k_main.dtype), k_main)
+    m_i = m_new
     return m_i, l_i, acc
 
 
 @triton.jit
-def sparse_attn_fwd_kernel(
-        q_ptr, stride_qt, stride_qh, out_ptr, stride_ot, stride_oh, lse_ptr, stride_lt, sink_ptr,
-        kv_ptr, stride_kv, idx_ptr, stride_it, n_idx, kstart_ptr, klen_ptr,
-        ekv_ptr, stride_ekv, eidx_ptr, stride_eit, n_eidx, ekstart_ptr, eklen_ptr,
-        Hq, qk_scale,
-        d_v: tl.constexpr, d_t: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DV: tl.constexpr,
-        DT: tl.constexpr, HAS_TAIL: tl.constexpr,
-        HAS_EXTRA: tl.constexpr, HAS_SINK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-        LAZY: tl.constexpr):
-    # One flat grid axis (the y axis stops at 65535): head blocks of one query are adjacent in
-    # launch order, so they gather the same rows while those are still in L2.
-    n_hb = tl.cdiv(Hq, BLOCK_H)
-    pid = tl.program_id(0)
-    t = (pid // n_hb).to(tl.int64)
-    heads = (pid % n_hb) * BLOCK_H + tl.arange(0, BLOCK_H)
-    hmask = heads < Hq
+def _attend_set(q_main, q_tail, m_i, l_i, acc, kv_ptr, stride_kv, idx_ptr, idx_off, n_idx, n_need, kstart, klen,
+                d_v, d_t, qk_scale, BLOCK_N: tl.constexpr, DV: tl.constexpr, DT: tl.constexpr, HAS_TAIL: tl.constexpr,
+                UPCAST: tl.constexpr, IEEE: tl.constexpr, LAZY: tl.constexpr, SPLIT_P: tl.constexpr):
+    if SPLIT_P:
+        # The few-key rows: stop once all n_need valid keys are seen, skip tiles without one (causal
+        # rows hold their keys first, then -1 to the list's end).
+        seen = tl.zeros((), tl.int32)
+        j0 = tl.zeros((), tl.int32)
+        while (j0 < n_idx) & (seen < n_need):
+            rows, valid = key_rows(idx_ptr, idx_off, j0, n_idx, kstart, klen, BLOCK_N)
+            nv = tl.sum(valid.to(tl.int32))
+            if nv > 0:
+                m_i, l_i, acc = _tile(q_main, q_tail, m_i, l_i, acc, kv_ptr + rows[:, None] * stride_kv, valid, d_v,
+                                      d_t, qk_scale, DV, DT, HAS_TAIL, UPCAST, IEEE, LAZY, True)
+            seen += nv
+            j0 += BLOCK_N
+    else:
+        for j0 in range(0, n_idx, BLOCK_N):
+            rows, valid = key_rows(idx_ptr, idx_off, j0, n_idx, kstart, klen, BLOCK_N)
+            m_i, l_i, acc = _tile(q_main, q_tail, m_i, l_i, acc, kv_ptr + rows[:, None] * stride_kv, valid, d_v, d_t,
+                                  qk_scale, DV, DT, HAS_TAIL, UPCAST, IEEE, LAZY, False)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _count_valid(idx_ptr, idx_off, n_idx, klen, cap, CB: tl.constexpr):
+    """Valid indices of one query's list, counted in chunks of ``CB`` until ``cap`` is reached: a row with
+    ``cap`` valid ones among its first ``CB`` entries costs one load (the count sits before the main
+    loop, so its latency is paid once per program)."""
+    cnt = tl.zeros((), tl.int32)
+    j0 = tl.zeros((), tl.int32)
+    while (j0 < n_idx) & (cnt < cap):
+        offs = j0 + tl.arange(0, CB)
+        idx = tl.load(idx_ptr + idx_off + offs, mask=offs < n_idx, other=-1)
+        cnt += tl.sum(((idx >= 0) & (idx < klen)).to(tl.int32))
+        j0 += CB
+    return cnt
+
+
+@triton.jit
+def _nothing(BLOCK_H: tl.constexpr, DV: tl.constexpr):
+    return (tl.full([BLOCK_H], float("-inf"), tl.float32), tl.zeros([BLOCK_H], tl.float32),
+            tl.zeros([BLOCK_H, DV], tl.float32))
+
+
+@triton.jit
+def _attend(q_base, hmask, vmask, kv_ptr, stride_kv, idx_ptr, idx_off, n_idx, n_need, kstart, klen,
+            ekv_ptr, stride_ekv, eidx_ptr, eidx_off, n_eidx, n_eneed, ekstart, eklen, d_v, d_t, qk_scale,
+            BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DV: tl.constexpr, DT: tl.constexpr, HAS_TAIL: tl.constexpr,
+            HAS_EXTRA: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, LAZY: tl.constexpr,
+            SPLIT_P: tl.constexpr):
+    """One query's heads: online softmax over the main key set, then the extra one; ``(m, l, acc)`` in base 2.
+    ``n_need`` / ``n_eneed``: the sets' valid-key counts (read only by the ``SPLIT_P`` loop)."""
     offs_v = tl.arange(0, DV)
     offs_t = tl.arange(0, DT)
-    q_base = q_ptr + t * stride_qt + heads[:, None].to(tl.int64) * stride_qh
-    vmask = hmask[:, None] if d_v == DV else hmask[:, None] & (offs_v[None, :] < d_v)
     q_main = tl.load(q_base + offs_v[None, :], mask=vmask, other=0.0)
     q_tail = q_main  # placeholder when there is no key-only tail
     if HAS_TAIL:
@@ -116,19 +154,34 @@ def sparse_attn_fwd_kernel(
     if UPCAST:
         q_main = q_main.to(tl.float32)
         q_tail = q_tail.to(tl.float32)
-
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, DV], tl.float32)
-
-    m_i, l_i, acc = _attend_set(q_main, q_tail, m_i, l_i, acc, kv_ptr, stride_kv, idx_ptr, t * stride_it, n_idx,
-                                tl.load(kstart_ptr + t), tl.load(klen_ptr + t), d_v, d_t, qk_scale,
-                                BLOCK_N, DV, DT, HAS_TAIL, UPCAST, IEEE, LAZY)
+    m_i, l_i, acc = _nothing(BLOCK_H, DV)
+    m_i, l_i, acc = _attend_set(q_main, q_tail, m_i, l_i, acc, kv_ptr, stride_kv, idx_ptr, idx_off, n_idx, n_need,
+                                kstart, klen, d_v, d_t, qk_scale, BLOCK_N, DV, DT, HAS_TAIL, UPCAST, IEEE, LAZY,
+                                SPLIT_P)
     if HAS_EXTRA:
-        m_i, l_i, acc = _attend_set(q_main, q_tail, m_i, l_i, acc, ekv_ptr, stride_ekv, eidx_ptr, t * stride_eit,
-                                    n_eidx, tl.load(ekstart_ptr + t), tl.load(eklen_ptr + t), d_v, d_t, qk_scale,
-                                    BLOCK_N, DV, DT, HAS_TAIL, UPCAST, IEEE, LAZY)
+        m_i, l_i, acc = _attend_set(q_main, q_tail, m_i, l_i, acc, ekv_ptr, stride_ekv, eidx_ptr, eidx_off, n_eidx,
+                                    n_eneed, ekstart, eklen, d_v, d_t, qk_scale, BLOCK_N, DV, DT, HAS_TAIL, UPCAST,
+                                    IEEE, LAZY, SPLIT_P)
+    return m_i, l_i, acc
 
+
+@triton.jit
+def _head_block(q_ptr, stride_qt, stride_qh, out_ptr, stride_ot, stride_oh, lse_ptr, stride_lt, sink_ptr, t, hb,
+                kv_ptr, stride_kv, idx_ptr, stride_it, n_idx, n_main, kstart, klen,
+                ekv_ptr, stride_ekv, eidx_ptr, stride_eit, n_eidx, n_extra, ekstart, eklen, Hq, qk_scale,
+                d_v: tl.constexpr, d_t: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DV: tl.constexpr,
+                DT: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_SINK: tl.constexpr,
+                UPCAST: tl.constexpr, IEEE: tl.constexpr, LAZY: tl.constexpr, SPLIT_P: tl.constexpr):
+    """Heads ``hb * BLOCK_H ...`` of query row ``t``: attend, normalise, apply the sink, store out and lse."""
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = heads < Hq
+    offs_v = tl.arange(0, DV)
+    q_base = q_ptr + t * stride_qt + heads[:, None].to(tl.int64) * stride_qh
+    vmask = hmask[:, None] if d_v == DV else hmask[:, None] & (offs_v[None, :] < d_v)
+    m_i, l_i, acc = _attend(q_base, hmask, vmask, kv_ptr, stride_kv, idx_ptr, t * stride_it, n_idx, n_main,
+                            kstart, klen, ekv_ptr, stride_ekv, eidx_ptr, t * stride_eit, n_eidx, n_extra, ekstart,
+                            eklen, d_v, d_t, qk_scale, BLOCK_H, BLOCK_N, DV, DT, HAS_TAIL, HAS_EXTRA, UPCAST, IEEE,
+                            LAZY, SPLIT_P)
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
@@ -140,6 +193,51 @@ def sparse_attn_fwd_kernel(
     tl.store(out_ptr + t * stride_ot + heads[:, None].to(tl.int64) * stride_oh + offs_v[None, :],
              o.to(out_ptr.dtype.element_ty), mask=vmask)
     tl.store(lse_ptr + t * stride_lt + heads, lse, mask=hmask)
+
+
+@triton.jit
+def sparse_attn_fwd_kernel(
+        q_ptr, stride_qt, stride_qh, out_ptr, stride_ot, stride_oh, lse_ptr, stride_lt, sink_ptr,
+        kv_ptr, stride_kv, idx_ptr, stride_it, n_idx, kstart_ptr, klen_ptr,
+        ekv_ptr, stride_ekv, eidx_ptr, stride_eit, n_eidx, ekstart_ptr, eklen_ptr,
+        Hq, qk_scale,
+        d_v: tl.constexpr, d_t: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DV: tl.constexpr,
+        DT: tl.constexpr, HAS_TAIL: tl.constexpr,
+        HAS_EXTRA: tl.constexpr, HAS_SINK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+        LAZY: tl.constexpr, EXACT_BELOW: tl.constexpr, COUNT_BLOCK: tl.constexpr, EXACT_ROWS: tl.constexpr):
+    n_hb = tl.cdiv(Hq, BLOCK_H)
+    pid = tl.program_id(0)
+    if EXACT_ROWS:
+        # The second launch (see EXACT_BELOW in the launcher): one program per query row; a row with
+        # fewer than EXACT_BELOW valid keys is redone head block by head block with p split into two
+        # 16-bit parts, any other row costs one index load and writes nothing.
+        t = pid.to(tl.int64)
+        kstart, klen = tl.load(kstart_ptr + t), tl.load(klen_ptr + t)
+        ekstart, eklen = kstart, klen
+        n_main = _count_valid(idx_ptr, t * stride_it, n_idx, klen, EXACT_BELOW, COUNT_BLOCK)
+        n_extra = n_main * 0
+        if HAS_EXTRA:
+            ekstart, eklen = tl.load(ekstart_ptr + t), tl.load(eklen_ptr + t)
+            if n_main < EXACT_BELOW:
+                n_extra = _count_valid(eidx_ptr, t * stride_eit, n_eidx, eklen, EXACT_BELOW - n_main, COUNT_BLOCK)
+        # The counts stop at EXACT_BELOW, so they are exact for the rows below it.
+        for hb in range(0, tl.where(n_main + n_extra < EXACT_BELOW, n_hb, 0)):
+            _head_block(q_ptr, stride_qt, stride_qh, out_ptr, stride_ot, stride_oh, lse_ptr, stride_lt, sink_ptr, t,
+                        hb, kv_ptr, stride_kv, idx_ptr, stride_it, n_idx, n_main, kstart, klen, ekv_ptr, stride_ekv,
+                        eidx_ptr, stride_eit, n_eidx, n_extra, ekstart, eklen, Hq, qk_scale, d_v, d_t, BLOCK_H,
+                        BLOCK_N, DV, DT, HAS_TAIL, HAS_EXTRA, HAS_SINK, UPCAST, IEEE, LAZY, True)
+    else:
+        # One flat grid axis (the y axis stops at 65535): head blocks of one query are adjacent in
+        # launch order, so they gather the same rows while those are still in L2.
+        t = (pid // n_hb).to(tl.int64)
+        kstart, klen = tl.load(kstart_ptr + t), tl.load(klen_ptr + t)
+        ekstart, eklen = kstart, klen
+        if HAS_EXTRA:
+            ekstart, eklen = tl.load(ekstart_ptr + t), tl.load(eklen_ptr + t)
+        _head_block(q_ptr, stride_qt, stride_qh, out_ptr, stride_ot, stride_oh, lse_ptr, stride_lt, sink_ptr, t,
+                    pid % n_hb, kv_ptr, stride_kv, idx_ptr, stride_it, n_idx, n_idx, kstart, klen, ekv_ptr, stride_ekv,
+                    eidx_ptr, stride_eit, n_eidx, n_eidx, ekstart, eklen, Hq, qk_scale, d_v, d_t, BLOCK_H, BLOCK_N,
+                    DV, DT, HAS_TAIL, HAS_EXTRA, HAS_SINK, UPCAST, IEEE, LAZY, False)
 
 
 # ---- launcher ------------------------------------------------------------------------------------
@@ -201,6 +299,24 @@ def varlen_bounds(cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[t
     return ck[b].to(torch.int32), (ck[b + 1] - ck[b]).to(torch.int32)
 
 
+def _launch(q, out, lse, sink, sets, scale, d_v, cfg, upcast, ieee, apply_sink, exact_rows, exact_below):
+    T, Hq, Dqk = q.shape
+    block_h = min(cfg["BLOCK_H"], pow2(Hq))
+    d_t = Dqk - d_v
+    width = (pow2(d_v) + (pow2(d_t) if d_t > 0 else 0)) * q.element_size()
+    # Q stays in shared memory next to num_stages gathered KV tiles.
+    cfg = fit_tiles(cfg, lambda bn, st: (block_h + st * bn) * width, smem_limit(q.device))
+    a = sets[0].args()
+    e = sets[1].args() if len(sets) > 1 else a
+    sparse_attn_fwd_kernel[(T if exact_rows else triton.cdiv(Hq, block_h) * T,)](
+        q, q.stride(0), q.stride(1), out, out.stride(0), out.stride(1), lse, lse.stride(0),
+        sink if sink is not None else lse, *a, *e, Hq, float(scale) * LOG2E, d_v=d_v, d_t=d_t,
+        BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], DV=pow2(d_v), DT=pow2(d_t), HAS_TAIL=d_t > 0,
+        HAS_EXTRA=len(sets) > 1, HAS_SINK=sink is not None and apply_sink, UPCAST=upcast, IEEE=ieee,
+        LAZY=cfg.get("LAZY", False), EXACT_BELOW=exact_below, COUNT_BLOCK=pow2(exact_below), EXACT_ROWS=exact_rows,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
 def sparse_attention_fwd(q: torch.Tensor, sets: list[KeySet], *, scale: float, d_v: int,
                          sink: Optional[torch.Tensor], apply_sink: bool = True, interpret: bool = False,
                          **override) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,22 +331,18 @@ def sparse_attention_fwd(q: torch.Tensor, sets: list[KeySet], *, scale: float, d
     lse = torch.empty((T, Hq), dtype=torch.float32, device=q.device)
     if T == 0:
         return out, lse
-    cfg = config(CONFIG_FILE, "fwd", q.device, interpret, **override)
-    block_h = min(cfg["BLOCK_H"], pow2(Hq))
-    d_t = Dqk - d_v
-    width = (pow2(d_v) + (pow2(d_t) if d_t > 0 else 0)) * q.element_size()
-    # Q stays in shared memory next to num_stages gathered KV tiles.
-    cfg = fit_tiles(cfg, lambda bn, st: (block_h + st * bn) * width, smem_limit(q.device))
     upcast = interpret and q.dtype == torch.bfloat16
     ieee = q.dtype == torch.float32
-    a = sets[0].args()
-    e = sets[1].args() if len(sets) > 1 else a
-    grid = (triton.cdiv(Hq, block_h) * T,)
-    sparse_attn_fwd_kernel[grid](
-        q, q.stride(0), q.stride(1), out, out.stride(0), out.stride(1), lse, lse.stride(0),
-        sink if sink is not None else lse, *a, *e, Hq, float(scale) * LOG2E, d_v=d_v, d_t=d_t,
-        BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], DV=pow2(d_v), DT=pow2(d_t), HAS_TAIL=d_t > 0,
-        HAS_EXTRA=len(sets) > 1, HAS_SINK=sink is not None and apply_sink, UPCAST=upcast, IEEE=ieee,
-        LAZY=cfg.get("LAZY", False),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    cfg = config(CONFIG_FILE, "fwd", q.device, interpret, **override)
+    _launch(q, out, lse, sink, sets, scale, d_v, cfg, upcast, ieee, apply_sink, exact_rows=False, exact_below=0)
+    # Then the rows resting on fewer than EXACT_BELOW valid keys are redone with p split into two
+    # 16-bit parts for P V: one 16-bit p carries 2^-9 relative error, and when a few weights make up a
+    # row's whole output, outputs near zero miss OPS.md's per-element bound. Longer rows average those
+    # errors out and keep the single product (FlashMLA's rounding); the second launch costs them one
+    # index load. p is rounded only on the tensor-core path, not for fp32 inputs or bf16 in the interpreter.
+    exact_below = 0 if (upcast or ieee) else int(cfg.get("EXACT_BELOW", 0))
+    if exact_below:
+        cfg_x = config(CONFIG_FILE, "fwd_exact", q.device, interpret)
+        _launch(q, out, lse, sink, sets, scale, d_v, cfg_x, upcast, ieee, apply_sink, exact_rows=True,
+                exact_below=exact_below)
     return out, lse

@@ -115,3 +115,38 @@ def test_sparse_fwd_block_n_small_hq_lazy(triton_device, block_n, lazy):
         ref = torch.softmax(s, -1) @ kd[v]
         assert torch.allclose(out[t].cpu().double(), ref, atol=2e-3)
         assert torch.allclose(lse[t].cpu().double(), torch.logsumexp(s, -1), atol=1e-5)
+
+
+@pytest.mark.parametrize("exact_below", [0, 9, 1000])
+@pytest.mark.parametrize("extra", [False, True])
+def test_sparse_fwd_exact_rows_launch_pair(triton_device, exact_below, extra):
+    """Rows below EXACT_BELOW valid keys (main + extra set together) go to the second launch, which
+    splits p into two 16-bit parts; every row must be written once, by the right launch, and match
+    the float64 softmax. exact_below 0: one launch; 1000: every row in the exact launch."""
+    g = torch.Generator().manual_seed(5)
+    T, Hq, D, Tk, Te, scale = 6, 4, 32, 40, 12, 0.3
+    q = torch.randn(T, Hq, D, generator=g).half().to(triton_device)
+    kv = torch.randn(Tk, D, generator=g).half().to(triton_device)
+    ekv = torch.randn(Te, D, generator=g).half().to(triton_device)
+    idx = torch.stack([torch.randperm(Tk, generator=g)[:24] for _ in range(T)]).to(torch.int32)
+    counts = [0, 1, 3, 8, 20, 24]  # valid main keys per row, around the threshold
+    for t, c in enumerate(counts):
+        idx[t, c:] = -1
+    eidx = torch.stack([torch.randperm(Te, generator=g)[:4] for _ in range(T)]).to(torch.int32)
+    eidx[:, 1:] = -1  # one extra key per row: row 3 has 8 + 1 = 9 keys in all
+    sets = [K_sa.KeySet(kv, idx.to(triton_device), *K_sa.varlen_bounds(None, None, T, Tk, q.device))]
+    if extra:
+        sets.append(K_sa.KeySet(ekv, eidx.to(triton_device), *K_sa.varlen_bounds(None, None, T, Te, q.device)))
+    out, lse = K_sa.sparse_attention_fwd(q, sets, scale=scale, d_v=D, sink=None, interpret=INTERP,
+                                         EXACT_BELOW=exact_below)
+    qd, kd, ed = q.double().cpu(), kv.double().cpu(), ekv.double().cpu()
+    for t in range(T):
+        keys = kd[[i for i in idx[t].tolist() if i >= 0]]
+        if extra:
+            keys = torch.cat([keys, ed[[i for i in eidx[t].tolist() if i >= 0]]])
+        if keys.shape[0] == 0:
+            assert torch.all(out[t].cpu() == 0) and torch.all(torch.isneginf(lse[t].cpu()))
+            continue
+        s = qd[t] @ keys.T * scale
+        assert torch.allclose(out[t].cpu().double(), torch.softmax(s, -1) @ keys, atol=2e-3), t
+        assert torch.allclose(lse[t].cpu().double(), torch.logsumexp(s, -1), atol=1e-5), t
