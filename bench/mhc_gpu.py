@@ -45,10 +45,6 @@ PRE_CFGS = [
     dict(_V1, num_warps=8),
     dict(_V1, BT3=16, CC3=128),                 # collapse tiles
     dict(_V1, BT3=4, CC3=512, STEPS3=2),
-    dict(_V1, EPI=1, CCE=64),                   # coefficients + collapse by each block's last GEMM program
-    dict(_V1, EPI=1, CCE=32),
-    dict(_V1, EPI=1, CCE=128),
-    dict(_V1, EPI=1, CCE=64, num_stages=4, NSUB=16),
 ]
 _F1 = dict(BT=16, CC=32, NSUB=8, num_warps=2, num_stages=3, PHI2=1)
 POST_PRE_CFGS = [  # the fused launch (not registered: post then pre measured faster)
@@ -56,10 +52,8 @@ POST_PRE_CFGS = [  # the fused launch (not registered: post then pre measured fa
     dict(_F1, BT=64, CC=16, NSUB=16, num_warps=4),
     dict(_F1, num_warps=4),
 ]
-DECODE_CFGS = [dict(BT=16, NSUB=4, BT2=8, SB=16, STEPS3=1, EPI=0), dict(BT=16, NSUB=2, BT2=16, SB=32, STEPS3=1, EPI=0),
-               dict(BT=16, NSUB=8, BT2=8, SB=8, STEPS3=1, EPI=0),
-               dict(BT=16, NSUB=4, BT2=4, SB=16, STEPS3=1, warps2=2, EPI=0),
-               dict(BT=16, NSUB=4, SB=16, EPI=1, CCE=64), dict(BT=16, NSUB=2, SB=32, EPI=1, CCE=128)]
+DECODE_CFGS = [dict(BT=16, NSUB=4, BT2=8, SB=16, STEPS3=1), dict(BT=16, NSUB=2, BT2=16, SB=32, STEPS3=1),
+               dict(BT=16, NSUB=8, BT2=8, SB=8, STEPS3=1), dict(BT=16, NSUB=4, BT2=4, SB=16, STEPS3=1, warps2=2)]
 POST_CFGS = [dict(BT=1, CC=1024, num_warps=4), dict(BT=1, CC=512, num_warps=2), dict(BT=2, CC=512, num_warps=4),
              dict(BT=2, CC=1024, num_warps=8), dict(BT=4, CC=256, num_warps=4)]
 POST_BWD_CFGS = [dict(BT=1, CC=1024, num_warps=4), dict(BT=1, CC=512, num_warps=2), dict(BT=2, CC=512, num_warps=4)]

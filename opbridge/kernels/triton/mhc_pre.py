@@ -37,10 +37,9 @@ from .sinkhorn import sk_forward
 @triton.jit
 def _prenorm_gemm_kernel(
         x_ptr, f_ptr, res_ptr, pin_ptr, cin_ptr, phi_ptr, part_ptr, sq_ptr, T, C, S,
-        cnt_ptr, alpha_ptr, bias_ptr, pre_ptr, post_ptr, comb_ptr, y_ptr, iters, eps, norm_eps, post_scale,
         N: tl.constexpr, NP: tl.constexpr, NPHI: tl.constexpr, BT: tl.constexpr, CC: tl.constexpr,
         NSUB: tl.constexpr, PHI2: tl.constexpr, FUSE_POST: tl.constexpr, X_BF16: tl.constexpr,
-        FP32_DOT: tl.constexpr, CONTIG: tl.constexpr, EPI: tl.constexpr, SB: tl.constexpr, CCE: tl.constexpr):
+        FP32_DOT: tl.constexpr, CONTIG: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // S  # the S splits of one token block are adjacent in launch order
     s = pid % S
@@ -87,54 +86,6 @@ def _prenorm_gemm_kernel(
             acc = split_dot(xt, w, acc, X_BF16, False, FP32_DOT)
     tl.store(part_ptr + (s * T + rows)[:, None] * NPHI + icol[None, :], acc, mask=rmask[:, None])
     tl.store(sq_ptr + s * T + rows, sq, mask=rmask)
-    if EPI:
-        # The last of the block's S programs to arrive (nobody waits for it) turns the partials into
-        # coefficients and collapses the block while its streams are still in L2.
-        tl.debug_barrier()  # every thread's partial is written before the (single-thread) release below
-        if tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel") == S - 1:
-            prew = _coefficients(part_ptr, sq_ptr, alpha_ptr, bias_ptr, pre_ptr, post_ptr, comb_ptr, rows, rmask, T, C,
-                                 S, iters, eps, norm_eps, post_scale, N, NP, NPHI, BT, SB)
-            _collapse(x_ptr, y_ptr, prew, rows, rmask, 0, tl.cdiv(C, CCE), C, N, NP, CCE, FUSE_POST)
-
-
-@triton.jit
-def _coefficients(part_ptr, sq_ptr, alpha_ptr, bias_ptr, pre_ptr, post_ptr, comb_ptr, rows, rmask, T, C, S, iters,
-                  eps, norm_eps, post_scale, N: tl.constexpr, NP: tl.constexpr, NPHI: tl.constexpr, BT: tl.constexpr,
-                  SB: tl.constexpr):
-    """Partials of token rows ``rows`` -> RMS scale, gates, Sinkhorn; stores pre/post/comb, returns pre."""
-    kidx = tl.arange(0, NP)
-    km = kidx < N
-    zp, zq, zr, sqs = reduce_partials(part_ptr, sq_ptr, rows, rmask, T, S, N, NP, NPHI, BT, SB)
-    r, mp, mq, mr, sp, sg, L = gates(zp, zq, zr, sqs, alpha_ptr, bias_ptr, C, norm_eps, N, NP)
-    m2 = rmask[:, None] & km[None, :]
-    valid = m2[:, :, None] & km[None, None, :]
-    comb = sk_forward(L, valid, m2, iters, eps)
-    pre = tl.where(m2, sp + eps, 0.0)
-    tl.store(pre_ptr + rows[:, None] * NP + kidx[None, :], pre, mask=rmask[:, None])
-    tl.store(post_ptr + rows[:, None] * N + kidx[None, :], post_scale * sg, mask=m2)
-    tl.store(comb_ptr + rows[:, None, None] * (N * N) + kidx[None, :, None] * N + kidx[None, None, :], comb,
-             mask=valid)
-    return pre
-
-
-@triton.jit
-def _collapse(x_ptr, y_ptr, prew, rows, rmask, c_first, steps, C, N: tl.constexpr, NP: tl.constexpr,
-              CC: tl.constexpr, LOAD_CG: tl.constexpr):
-    """``y[rows, c] = sum_j pre_j x[rows, j, c]`` for ``steps`` steps of ``CC`` columns from ``c_first``."""
-    kidx = tl.arange(0, NP)
-    km = kidx < N
-    for u in range(steps):
-        c = c_first + u * CC + tl.arange(0, CC)
-        cm = c < C
-        ptrs = x_ptr + rows[:, None, None] * (N * C) + kidx[None, :, None] * C + c[None, None, :]
-        m3 = rmask[:, None, None] & km[None, :, None] & cm[None, None, :]
-        if LOAD_CG:  # written by other programs of this launch: bypass L1
-            xv = tl.load(ptrs, mask=m3, other=0.0, cache_modifier=".cg").to(tl.float32)
-        else:
-            xv = tl.load(ptrs, mask=m3, other=0.0).to(tl.float32)
-        yv = tl.sum(prew[:, :, None] * xv, axis=1)
-        tl.store(y_ptr + rows[:, None] * C + c[None, :], yv.to(y_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & cm[None, :])
 
 
 @triton.jit
@@ -142,8 +93,18 @@ def _coeff_kernel(part_ptr, sq_ptr, alpha_ptr, bias_ptr, pre_ptr, post_ptr, comb
                   norm_eps, post_scale, N: tl.constexpr, NP: tl.constexpr, NPHI: tl.constexpr, BT: tl.constexpr,
                   SB: tl.constexpr):
     rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
-    _coefficients(part_ptr, sq_ptr, alpha_ptr, bias_ptr, pre_ptr, post_ptr, comb_ptr, rows, rows < T, T, C, S, iters,
-                  eps, norm_eps, post_scale, N, NP, NPHI, BT, SB)
+    rmask = rows < T
+    kidx = tl.arange(0, NP)
+    km = kidx < N
+    zp, zq, zr, sqs = reduce_partials(part_ptr, sq_ptr, rows, rmask, T, S, N, NP, NPHI, BT, SB)
+    r, mp, mq, mr, sp, sg, L = gates(zp, zq, zr, sqs, alpha_ptr, bias_ptr, C, norm_eps, N, NP)
+    m2 = rmask[:, None] & km[None, :]
+    valid = m2[:, :, None] & km[None, None, :]
+    comb = sk_forward(L, valid, m2, iters, eps)
+    tl.store(pre_ptr + rows[:, None] * NP + kidx[None, :], tl.where(m2, sp + eps, 0.0), mask=rmask[:, None])
+    tl.store(post_ptr + rows[:, None] * N + kidx[None, :], post_scale * sg, mask=m2)
+    tl.store(comb_ptr + rows[:, None, None] * (N * N) + kidx[None, :, None] * N + kidx[None, None, :], comb,
+             mask=valid)
 
 
 @triton.jit
@@ -155,8 +116,17 @@ def _collapse_kernel(x_ptr, pre_ptr, y_ptr, T, C, NCB, N: tl.constexpr, NP: tl.c
     cb = pid % NCB
     rows = (b * BT + tl.arange(0, BT)).to(tl.int64)
     rmask = rows < T
-    prew = tl.load(pre_ptr + rows[:, None] * NP + tl.arange(0, NP)[None, :], mask=rmask[:, None], other=0.0)
-    _collapse(x_ptr, y_ptr, prew, rows, rmask, cb * STEPS * CC, STEPS, C, N, NP, CC, False)
+    kidx = tl.arange(0, NP)
+    km = kidx < N
+    prew = tl.load(pre_ptr + rows[:, None] * NP + kidx[None, :], mask=rmask[:, None], other=0.0)
+    for u in range(STEPS):
+        c = (cb * STEPS + u) * CC + tl.arange(0, CC)
+        cm = c < C
+        xv = tl.load(x_ptr + rows[:, None, None] * (N * C) + kidx[None, :, None] * C + c[None, None, :],
+                     mask=rmask[:, None, None] & km[None, :, None] & cm[None, None, :], other=0.0).to(tl.float32)
+        yv = tl.sum(prew[:, :, None] * xv, axis=1)
+        tl.store(y_ptr + rows[:, None] * C + c[None, :], yv.to(y_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & cm[None, :])
 
 
 def _launch(x, f, res, pin, cin, phi, alpha, bias, iters, eps, norm_eps, post_scale, fuse, cfg):
@@ -180,17 +150,11 @@ def _launch(x, f, res, pin, cin, phi, alpha, bias, iters, eps, norm_eps, post_sc
         split = torch.empty((2, nphi, n * C), dtype=torch.bfloat16, device=dev)
         phi_split_kernel[(triton.cdiv(n * C, 256),)](phi, split, n * C, NR=n * (n + 2), NPHI=nphi, BK=256)
         phi = split
-    epi = bool(cfg.get("EPI", 0))
-    cnt = torch.zeros(triton.cdiv(T, bt) if epi else 1, dtype=torch.int32, device=dev)
     _prenorm_gemm_kernel[(triton.cdiv(T, bt) * S,)](
         x, f if fuse else x, res if fuse else x, pin if fuse else x, cin if fuse else x, phi, part, sq, T, C, S,
-        cnt, alpha, bias, pre, post, comb, y, iters, eps, norm_eps, post_scale,
         N=n, NP=np2, NPHI=nphi, BT=bt, CC=cc, NSUB=nsub, PHI2=phi2, FUSE_POST=fuse,
-        X_BF16=x.dtype == torch.bfloat16, FP32_DOT=dev.type != "cuda", CONTIG=contig, EPI=epi,
-        SB=min(cfg["SB"], next_pow2(S)), CCE=cfg.get("CCE", 64),
+        X_BF16=x.dtype == torch.bfloat16, FP32_DOT=dev.type != "cuda", CONTIG=contig,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if epi:
-        return y, post, comb
     bt2 = cfg["BT2"]
     _coeff_kernel[(triton.cdiv(T, bt2),)](
         part, sq, alpha, bias, pre, post, comb, T, C, S, iters, eps, norm_eps, post_scale,
