@@ -3,11 +3,12 @@
 Three launches, no waiting between programs of one launch:
 
 1. **Split-K prenorm GEMM** (``_prenorm_gemm_kernel``). Program ``(b, s)`` owns token block ``b``
-   (``BT`` tokens) and column split ``s`` (``NSUB * CC`` columns of *every* stream, i.e. ``n`` strided
-   pieces of the ``n*C`` reduction) and writes its partial of ``z = x @ phi^T`` and of ``sum(x^2)``.
-   With ``FUSE_POST`` the tile is first made on chip from the previous site's ``(f, residual, post,
-   comb)``, rounded to the residual dtype and written out as the new residual; the GEMM then reads that
-   rounded value, so the result equals ``mhc_post`` followed by ``mhc_pre`` (OPS.md 4.5) while the
+   (``BT`` tokens) and split ``s`` of the ``n*C`` reduction, and writes its partial of ``z = x @ phi^T``
+   and of ``sum(x^2)``. With ``CONTIG`` (the default for ``mhc_pre``) a split is a contiguous range of
+   the flattened ``n*C`` axis; otherwise it is ``NSUB * CC`` columns of *every* stream, the layout
+   ``FUSE_POST`` needs: the tile is then first made on chip from the previous site's ``(f, residual,
+   post, comb)``, rounded to the residual dtype and written out as the new residual, and the GEMM reads
+   that rounded value, so the result equals ``mhc_post`` followed by ``mhc_pre`` (OPS.md 4.5) while the
    streams are read once for both.
 2. **Coefficients** (``_coeff_kernel``), one program per token block: sums the partials in a fixed
    order (deterministic), applies the RMS scale, the sigmoid gates and the Sinkhorn iterations in
