@@ -207,7 +207,7 @@ def mhc_pre_backward(grads, x, phi, alpha, bias, iters, eps, norm_eps, post_scal
     _coef_kernel[(nb2,)](
         part, sq, dprep, gpost, gcomb, alpha, bias, dz, coef, pre, dab, T, C, S, iters, eps, norm_eps, post_scale,
         N=n, NP=np2, NPHI=nphi, BT=bt2, SB=min(8, next_pow2(S)), HAS_DY=dy is not None, HAS_DPOST=dpost is not None,
-        HAS_DCOMB=dcomb is not None, num_warps=4)
+        HAS_DCOMB=dcomb is not None, num_warps=c.get("warps2", 4))
     sums = dab.sum(0)
     dalpha = sums[:3].to(alpha.dtype)
     dbias = sums[3:].to(bias.dtype)
