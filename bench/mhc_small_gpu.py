@@ -1,6 +1,6 @@
 """Latency-bound mHC pieces on one GPU: the Sinkhorn chain (forward and backward) per launch config,
 `mhc_pre` at decode size, and the coefficient pass of `mhc_pre_backward` per warp count.
-Times are CUDA-graph replays (50 calls per graph, median of 5 replays), so launch overhead is out.
+Times are CUDA-graph replays (`graph_ms` of bench/mhc_gpu.py: 50 calls per graph, median of 5 replays), so launch overhead is out.
 
     PYTHONPATH=. python bench/mhc_small_gpu.py      # writes $OUT/h100-mhc-small.json (OUT defaults to .)
 """
@@ -11,35 +11,17 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from opbridge.kernels.triton import mhc_pre as K_pre  # noqa: E402
 from opbridge.kernels.triton import mhc_pre_backward as K_pre_bwd  # noqa: E402
 from opbridge.kernels.triton import sinkhorn as K_sk  # noqa: E402
 from opbridge.kernels.triton.mhc_configs import _load  # noqa: E402
+from mhc_gpu import graph_ms  # noqa: E402  (bench/mhc_gpu.py)
 
 
 def graph_us(fn, reps=50):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) / reps * 1e3)
-    return sorted(ts)[2]
+    return graph_ms(fn, reps) * 1e3
 
 
 def main():
