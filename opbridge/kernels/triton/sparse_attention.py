@@ -8,6 +8,10 @@ The online softmax runs in base 2 and spans the main index list and the optional
 V4's sliding window and compressed entries share one softmax. Keys are split into the value part
 ``[0, d_v)`` and the key-only tail ``[d_v, Dqk)`` (the 64 RoPE dims of V3.2's 576).
 
+Rows resting on fewer than ``EXACT_BELOW`` valid keys are redone by a second launch that splits the
+softmax weights into two 16-bit parts for ``P V`` (see :func:`sparse_attention_fwd`): one 16-bit ``p``
+is exact enough when many keys share a row, not when a handful carry it.
+
 Index validity is decided per key by :func:`key_rows`: ``-1`` and out-of-range indices never
 reach memory. The paged decode path runs the same kernel: its logical positions are first
 translated to physical cache rows (:meth:`KeySet.paged`, with block numbers checked against the
@@ -123,15 +127,15 @@ def _count_valid(idx_ptr, idx_off, n_idx, klen, cap, CB: tl.constexpr):
     cnt = tl.zeros((), tl.int32)
     j0 = tl.zeros((), tl.int32)
     while (j0 < n_idx) & (cnt < cap):
-        offs = j0 + tl.arange(0, CB)
-        idx = tl.load(idx_ptr + idx_off + offs, mask=offs < n_idx, other=-1)
-        cnt += tl.sum(((idx >= 0) & (idx < klen)).to(tl.int32))
+        _, valid = key_rows(idx_ptr, idx_off, j0, n_idx, klen * 0, klen, CB)  # validity only: no start row
+        cnt += tl.sum(valid.to(tl.int32))
         j0 += CB
     return cnt
 
 
 @triton.jit
-def _nothing(BLOCK_H: tl.constexpr, DV: tl.constexpr):
+def _empty_state(BLOCK_H: tl.constexpr, DV: tl.constexpr):
+    """The online-softmax state before any key: running max -inf, sum 0, accumulator 0."""
     return (tl.full([BLOCK_H], float("-inf"), tl.float32), tl.zeros([BLOCK_H], tl.float32),
             tl.zeros([BLOCK_H, DV], tl.float32))
 
@@ -154,7 +158,7 @@ def _attend(q_base, hmask, vmask, kv_ptr, stride_kv, idx_ptr, idx_off, n_idx, n_
     if UPCAST:
         q_main = q_main.to(tl.float32)
         q_tail = q_tail.to(tl.float32)
-    m_i, l_i, acc = _nothing(BLOCK_H, DV)
+    m_i, l_i, acc = _empty_state(BLOCK_H, DV)
     m_i, l_i, acc = _attend_set(q_main, q_tail, m_i, l_i, acc, kv_ptr, stride_kv, idx_ptr, idx_off, n_idx, n_need,
                                 kstart, klen, d_v, d_t, qk_scale, BLOCK_N, DV, DT, HAS_TAIL, UPCAST, IEEE, LAZY,
                                 SPLIT_P)
