@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_attention_common import config, fit_tiles, key_rows, pow2, smem_limit
+from .sparse_attention_common import config, dot, fit_tiles, key_part, key_rows, pow2, smem_limit
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -33,35 +33,15 @@ CONFIG_FILE = "attn_sparse.json"
 
 
 @triton.jit
-def _tile(q_main, q_tail, m_i, l_i, acc, base, valid, d_v, d_t, qk_scale, DV: tl.constexpr, DT: tl.constexpr,
+def _tile(q_main, q_tail, m_i, l_i, acc, base, valid, d_v: tl.constexpr, d_t: tl.constexpr, qk_scale,
+          DV: tl.constexpr, DT: tl.constexpr,
           HAS_TAIL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, LAZY: tl.constexpr,
           SPLIT_P: tl.constexpr):
     """One gathered tile of keys (rows at ``base``, ``valid`` per key) into the online softmax."""
-    offs_v = tl.arange(0, DV)
-    offs_t = tl.arange(0, DT)
-    # Column masks only for padded head dims: with d_v == DV the loads stay 16-byte vectors.
-    if d_v == DV:
-        k_main = tl.load(base + offs_v[None, :], mask=valid[:, None], other=0.0)
-    else:
-        k_main = tl.load(base + offs_v[None, :], mask=valid[:, None] & (offs_v[None, :] < d_v), other=0.0)
-    if UPCAST:
-        k_main = k_main.to(tl.float32)
-    if IEEE:
-        s = tl.dot(q_main, tl.trans(k_main), input_precision="ieee")
-    else:
-        s = tl.dot(q_main, tl.trans(k_main))
+    k_main = key_part(base, valid, d_v, DV, UPCAST)
+    s = dot(q_main, tl.trans(k_main), IEEE)
     if HAS_TAIL:
-        if d_t == DT:
-            k_tail = tl.load(base + d_v + offs_t[None, :], mask=valid[:, None], other=0.0)
-        else:
-            k_tail = tl.load(base + d_v + offs_t[None, :], mask=valid[:, None] & (offs_t[None, :] < d_t),
-                             other=0.0)
-        if UPCAST:
-            k_tail = k_tail.to(tl.float32)
-        if IEEE:
-            s += tl.dot(q_tail, tl.trans(k_tail), input_precision="ieee")
-        else:
-            s += tl.dot(q_tail, tl.trans(k_tail))
+        s += dot(q_tail, tl.trans(key_part(base + d_v, valid, d_t, DT, UPCAST)), IEEE)
     s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if LAZY:
@@ -81,15 +61,13 @@ def _tile(q_main, q_tail, m_i, l_i, acc, base, valid, d_v, d_t, qk_scale, DV: tl
         l_i = l_i * alpha
         acc = acc * alpha[:, None]
     l_i = l_i + tl.sum(p, 1)
-    if IEEE:
-        acc += tl.dot(p.to(k_main.dtype), k_main, input_precision="ieee")
-    elif SPLIT_P:
+    if SPLIT_P and not IEEE:
         # p = hi + lo in two 16-bit products: ~16 significant bits instead of 8 (see EXACT_BELOW).
         p_hi = p.to(k_main.dtype)
         acc += tl.dot(p_hi, k_main)
         acc += tl.dot((p - p_hi.to(tl.float32)).to(k_main.dtype), k_main)
     else:
-        acc += tl.dot(p.to(k_main.dtype), k_main)
+        acc += dot(p.to(k_main.dtype), k_main, IEEE)
     m_i = m_new
     return m_i, l_i, acc
 

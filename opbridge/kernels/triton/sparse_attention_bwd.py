@@ -17,12 +17,12 @@ import triton
 import triton.language as tl
 
 from .sparse_attention import CONFIG_FILE, LOG2E, KeySet, sparse_attention_fwd
-from .sparse_attention_common import config, fit_tiles, key_rows, pow2, smem_limit
+from .sparse_attention_common import config, dot, fit_tiles, key_part, key_rows, pow2, smem_limit
 
 
 @triton.jit
 def _bwd_set(q_main, q_tail, do, lse2, coef, has, dq_main, dq_tail, kv_ptr, dkv_ptr, stride_kv, stride_dkv,
-             idx_ptr, idx_off, n_idx, kstart, klen, d_v, d_t, qk_scale, scale,
+             idx_ptr, idx_off, n_idx, kstart, klen, d_v: tl.constexpr, d_t: tl.constexpr, qk_scale, scale,
              BLOCK_N: tl.constexpr, DV: tl.constexpr, DT: tl.constexpr, HAS_TAIL: tl.constexpr,
              UPCAST: tl.constexpr, IEEE: tl.constexpr):
     offs_v = tl.arange(0, DV)
@@ -31,47 +31,26 @@ def _bwd_set(q_main, q_tail, do, lse2, coef, has, dq_main, dq_tail, kv_ptr, dkv_
         rows, valid = key_rows(idx_ptr, idx_off, j0, n_idx, kstart, klen, BLOCK_N)
         base = kv_ptr + rows[:, None] * stride_kv
         dbase = dkv_ptr + rows[:, None] * stride_dkv
-        # Column masks only for padded head dims, so the loads stay 16-byte vectors.
-        vmask = valid[:, None] if d_v == DV else valid[:, None] & (offs_v[None, :] < d_v)
-        tmask = valid[:, None] if d_t == DT else valid[:, None] & (offs_t[None, :] < d_t)
-        k_main = tl.load(base + offs_v[None, :], mask=vmask, other=0.0)
-        if UPCAST:
-            k_main = k_main.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q_main, tl.trans(k_main), input_precision="ieee")
-            dp = tl.dot(do, tl.trans(k_main), input_precision="ieee")
-        else:
-            s = tl.dot(q_main, tl.trans(k_main))
-            dp = tl.dot(do, tl.trans(k_main))
+        k_main = key_part(base, valid, d_v, DV, UPCAST)
+        s = dot(q_main, tl.trans(k_main), IEEE)
+        dp = dot(do, tl.trans(k_main), IEEE)
         k_tail = k_main  # placeholder without a tail
         if HAS_TAIL:
-            k_tail = tl.load(base + d_v + offs_t[None, :], mask=tmask, other=0.0)
-            if UPCAST:
-                k_tail = k_tail.to(tl.float32)
-            if IEEE:
-                s += tl.dot(q_tail, tl.trans(k_tail), input_precision="ieee")
-            else:
-                s += tl.dot(q_tail, tl.trans(k_tail))
+            k_tail = key_part(base + d_v, valid, d_t, DT, UPCAST)
+            s += dot(q_tail, tl.trans(k_tail), IEEE)
         ok = valid[None, :] & has[:, None]
         p = tl.where(ok, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         ds = p * (dp + coef[:, None])
         ds_c = ds.to(k_main.dtype)
         p_c = p.to(k_main.dtype)
-        if IEEE:
-            dq_main += tl.dot(ds_c, k_main, input_precision="ieee")
-            dk = tl.dot(tl.trans(ds_c), q_main, input_precision="ieee") * scale + \
-                tl.dot(tl.trans(p_c), do, input_precision="ieee")
-        else:
-            dq_main += tl.dot(ds_c, k_main)
-            dk = tl.dot(tl.trans(ds_c), q_main) * scale + tl.dot(tl.trans(p_c), do)
+        dq_main += dot(ds_c, k_main, IEEE)
+        dk = dot(tl.trans(ds_c), q_main, IEEE) * scale + dot(tl.trans(p_c), do, IEEE)
+        vmask = valid[:, None] if d_v == DV else valid[:, None] & (offs_v[None, :] < d_v)
         tl.atomic_add(dbase + offs_v[None, :], dk, mask=vmask)
         if HAS_TAIL:
-            if IEEE:
-                dq_tail += tl.dot(ds_c, k_tail, input_precision="ieee")
-                dkt = tl.dot(tl.trans(ds_c), q_tail, input_precision="ieee") * scale
-            else:
-                dq_tail += tl.dot(ds_c, k_tail)
-                dkt = tl.dot(tl.trans(ds_c), q_tail) * scale
+            dq_tail += dot(ds_c, k_tail, IEEE)
+            dkt = dot(tl.trans(ds_c), q_tail, IEEE) * scale
+            tmask = valid[:, None] if d_t == DT else valid[:, None] & (offs_t[None, :] < d_t)
             tl.atomic_add(dbase + d_v + offs_t[None, :], dkt, mask=tmask)
     return dq_main, dq_tail
 

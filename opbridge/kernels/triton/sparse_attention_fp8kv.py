@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .sparse_attention import CONFIG_FILE, LOG2E, physical_rows
-from .sparse_attention_common import config, fit_tiles, key_rows, pow2, smem_limit
+from .sparse_attention_common import config, dot, fit_tiles, key_rows, pow2, smem_limit
 
 N_GROUPS = 4  # float32 scales per token (the kernel holds one accumulator per group)
 
@@ -83,13 +83,6 @@ class PackedKeySet:
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
 def _attend_packed(q0, q1, q2, q3, qt, m_i, l_i, a0, a1, a2, a3, kv_ptr, sc_ptr, rope_ptr, idx_ptr, idx_off, n_idx,
                    kstart, klen, qk_scale, ROW: tl.constexpr, GROUP: tl.constexpr, DT: tl.constexpr,
                    HAS_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
@@ -109,14 +102,14 @@ def _attend_packed(q0, q1, q2, q3, qt, m_i, l_i, a0, a1, a2, a3, kv_ptr, sc_ptr,
         s1 = tl.load(sbase + 1, mask=valid, other=0.0)
         s2 = tl.load(sbase + 2, mask=valid, other=0.0)
         s3 = tl.load(sbase + 3, mask=valid, other=0.0)
-        s = _dot(q0, tl.trans(k0), IEEE) * s0[None, :]
-        s += _dot(q1, tl.trans(k1), IEEE) * s1[None, :]
-        s += _dot(q2, tl.trans(k2), IEEE) * s2[None, :]
-        s += _dot(q3, tl.trans(k3), IEEE) * s3[None, :]
+        s = dot(q0, tl.trans(k0), IEEE) * s0[None, :]
+        s += dot(q1, tl.trans(k1), IEEE) * s1[None, :]
+        s += dot(q2, tl.trans(k2), IEEE) * s2[None, :]
+        s += dot(q3, tl.trans(k3), IEEE) * s3[None, :]
         if HAS_TAIL:
             kt = tl.load(rope_ptr + rows[:, None] * (ROW // 2) + offs_t[None, :], mask=valid[:, None],
                          other=0.0).to(qt.dtype)
-            s += _dot(qt, tl.trans(kt), IEEE)
+            s += dot(qt, tl.trans(kt), IEEE)
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no valid key so far keeps m = -inf; shift by 0 there so exp2 never sees inf - inf.
@@ -124,10 +117,10 @@ def _attend_packed(q0, q1, q2, q3, qt, m_i, l_i, a0, a1, a2, a3, kv_ptr, sc_ptr,
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        a0 = a0 * alpha[:, None] + _dot((p * s0[None, :]).to(k0.dtype), k0, IEEE)
-        a1 = a1 * alpha[:, None] + _dot((p * s1[None, :]).to(k0.dtype), k1, IEEE)
-        a2 = a2 * alpha[:, None] + _dot((p * s2[None, :]).to(k0.dtype), k2, IEEE)
-        a3 = a3 * alpha[:, None] + _dot((p * s3[None, :]).to(k0.dtype), k3, IEEE)
+        a0 = a0 * alpha[:, None] + dot((p * s0[None, :]).to(k0.dtype), k0, IEEE)
+        a1 = a1 * alpha[:, None] + dot((p * s1[None, :]).to(k0.dtype), k1, IEEE)
+        a2 = a2 * alpha[:, None] + dot((p * s2[None, :]).to(k0.dtype), k2, IEEE)
+        a3 = a3 * alpha[:, None] + dot((p * s3[None, :]).to(k0.dtype), k3, IEEE)
         m_i = m_new
     return m_i, l_i, a0, a1, a2, a3
 
